@@ -1,0 +1,516 @@
+"""A stream transport that does TLS itself, so an idle TLS session stays small.
+
+asyncio's stock TLS transport keeps a 256 KiB buffer per connection. This
+protocol instead reads every socket into one buffer shared by the process (one
+per thread that runs an event loop) and runs TLS with `SSLContext.wrap_bio`
+over two `MemoryBIO`s, so an idle connection holds only OpenSSL's own state.
+
+Rules and invariants:
+- A connection starts in plaintext. `start_tls()` switches in-band
+  (STARTTLS): what was written before the call went out in plaintext; every
+  byte received after it is a TLS record.
+- The shared read buffer never outlives a callback: ciphertext is copied into
+  the incoming BIO and plaintext is copied out (`bytes`) before the handler
+  sees it, so nested calls can reuse the buffer.
+- Reads are capped at `TLS_READ_SIZE` while TLS is on, and writes are
+  encrypted in slices of the same size: OpenSSL's memory BIOs never give back
+  capacity, so this bounds what a once-busy connection keeps.
+- After every SSL operation the outgoing BIO is flushed (TLS 1.3 sends
+  session tickets after the handshake, alerts on failure, close_notify).
+- Failures (handshake or record errors, resets) never raise into the event
+  loop: the connection closes and the handler gets `connection_lost(exc)`,
+  exactly once. A clean close (close_notify, or TCP EOF after the handshake)
+  reports `None`.
+- No timers here: handshake and idle timeouts belong to the layer above.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import socket
+import ssl
+import threading
+import typing
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, ClassVar
+
+__all__ = [
+    "READ_BUFFER_SIZE",
+    "TLS_READ_SIZE",
+    "StreamConnection",
+    "StreamHandler",
+    "client_context",
+    "server_context",
+]
+
+# One buffer for every plaintext read in the process (per loop thread).
+READ_BUFFER_SIZE = 64 * 1024
+# Largest socket read and largest plaintext slice encrypted at once while TLS
+# is on: one full TLS record.
+TLS_READ_SIZE = 16 * 1024
+
+StrPath = str | Path
+
+
+class StreamHandler(typing.Protocol):
+    """The layer above: an XMPP stream, a peer link, a test echo handler."""
+
+    def connection_made(self, conn: StreamConnection) -> None: ...
+
+    def data_received(self, data: bytes) -> None:
+        """Plaintext bytes; decrypted when TLS is on."""
+
+    def connection_lost(self, exc: Exception | None) -> None: ...
+
+    def tls_established(self) -> None:
+        """The TLS handshake completed; peer certificate and version are known."""
+
+
+class _Mode(enum.Enum):
+    PLAIN = "plain"  # no TLS; bytes pass through untouched
+    HANDSHAKING = "handshaking"  # start_tls() called, handshake not finished
+    ESTABLISHED = "established"  # TLS up; application data flows
+    CLOSED = "closed"  # close()/abort()/failure; nothing more is read or written
+
+
+class _ReadBuffers:
+    """The shared read buffer, one per thread (one event loop per thread).
+
+    A dict keyed by thread id rather than one global: two loops in two threads
+    sharing one buffer would corrupt each other's reads.
+    """
+
+    __slots__ = ("full", "tls")
+
+    def __init__(self) -> None:
+        self.full = memoryview(bytearray(READ_BUFFER_SIZE))
+        self.tls = self.full[:TLS_READ_SIZE]
+
+
+class StreamConnection(asyncio.BufferedProtocol):
+    """One TCP connection, plaintext first, optionally TLS after `start_tls()`.
+
+    Server: `loop.create_server(lambda: StreamConnection(factory), host, port,
+    backlog=4096, reuse_address=True)`. Client: `loop.create_connection(...)`,
+    then `start_tls(ctx, server_side=False, server_hostname=...)`.
+    """
+
+    _buffers: ClassVar[dict[int, _ReadBuffers]] = {}
+
+    __slots__ = (
+        "_handler_factory",
+        "_handler",
+        "_transport",
+        "_mode",
+        "_ssl",
+        "_incoming",
+        "_outgoing",
+        "_pending_writes",
+        "_error",
+        "_write_paused",
+        "_reading_paused",
+        "_drain_waiters",
+        "_lost",
+    )
+
+    def __init__(self, handler_factory: Callable[[], StreamHandler]) -> None:
+        self._handler_factory: Callable[[], StreamHandler] | None = handler_factory
+        self._handler: StreamHandler | None = None
+        self._transport: asyncio.Transport | None = None
+        self._mode = _Mode.PLAIN
+        self._ssl: ssl.SSLObject | None = None
+        self._incoming: ssl.MemoryBIO | None = None
+        self._outgoing: ssl.MemoryBIO | None = None
+        # Writes made between start_tls() and the end of the handshake.
+        self._pending_writes: list[bytes] | None = None
+        self._error: Exception | None = None
+        self._write_paused = False
+        self._reading_paused = False
+        self._drain_waiters: list[asyncio.Future[None]] | None = None
+        self._lost = False
+
+    # ---------------------------------------------------------------- API
+
+    @property
+    def handler(self) -> StreamHandler | None:
+        return self._handler
+
+    @property
+    def tls_active(self) -> bool:
+        """True once the handshake has completed, until the connection closes."""
+        return self._mode is _Mode.ESTABLISHED
+
+    @property
+    def tls_started(self) -> bool:
+        """True from `start_tls()` on (handshake may still be running)."""
+        return self._mode in (_Mode.HANDSHAKING, _Mode.ESTABLISHED)
+
+    @property
+    def closing(self) -> bool:
+        return self._mode is _Mode.CLOSED or self._lost
+
+    @property
+    def writable(self) -> bool:
+        """False while the socket's send buffer is above its high-water mark."""
+        return not self._write_paused and not self.closing
+
+    @property
+    def peername(self) -> Any:
+        return self.get_extra_info("peername")
+
+    @property
+    def sockname(self) -> Any:
+        return self.get_extra_info("sockname")
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        """The transport's extra info ("socket", "sockname", ...)."""
+        if self._transport is None:
+            return default
+        return self._transport.get_extra_info(name, default)
+
+    @property
+    def tls_version(self) -> str | None:
+        if self._mode is not _Mode.ESTABLISHED or self._ssl is None:
+            return None
+        return self._ssl.version()
+
+    @property
+    def peer_certificate(self) -> dict[str, Any] | None:
+        """The peer's verified certificate as `SSLSocket.getpeercert()` gives it."""
+        if self._mode is not _Mode.ESTABLISHED or self._ssl is None:
+            return None
+        cert = self._ssl.getpeercert()
+        return dict(cert) if cert else None
+
+    @property
+    def peer_certificate_der(self) -> bytes | None:
+        if self._mode is not _Mode.ESTABLISHED or self._ssl is None:
+            return None
+        return self._ssl.getpeercert(binary_form=True)
+
+    def write(self, data: bytes) -> None:
+        """Send `data`, encrypted when TLS is on. Ignored once closing."""
+        if not data or self._transport is None or self.closing:
+            return
+        if self._mode is _Mode.PLAIN:
+            self._transport.write(data)
+        elif self._mode is _Mode.HANDSHAKING:
+            if self._pending_writes is None:
+                self._pending_writes = []
+            self._pending_writes.append(bytes(data))
+        else:
+            self._encrypt(data)
+
+    def start_tls(
+        self,
+        context: ssl.SSLContext,
+        *,
+        server_side: bool,
+        server_hostname: str | None = None,
+        initial_data: bytes = b"",
+    ) -> None:
+        """Switch to TLS now.
+
+        `initial_data`: bytes the handler already received past the end of
+        the STARTTLS exchange (a pipelined ClientHello, or a ServerHello that
+        came with `<proceed/>`); they are fed into TLS first.
+        """
+        if self._transport is None:
+            raise RuntimeError("start_tls() before connection_made()")
+        if self._mode is not _Mode.PLAIN:
+            raise RuntimeError(f"start_tls() in mode {self._mode.value}")
+        incoming = ssl.MemoryBIO()
+        outgoing = ssl.MemoryBIO()
+        self._ssl = context.wrap_bio(
+            incoming, outgoing, server_side=server_side, server_hostname=server_hostname
+        )
+        self._incoming = incoming
+        self._outgoing = outgoing
+        self._mode = _Mode.HANDSHAKING
+        if initial_data:
+            incoming.write(initial_data)
+        self._process_tls()
+
+    def close(self) -> None:
+        """Send close_notify if TLS is up, flush what is buffered, then close."""
+        if self._transport is None or self.closing:
+            return
+        if self._mode is _Mode.ESTABLISHED and self._ssl is not None:
+            try:
+                self._ssl.unwrap()
+            except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                pass  # close_notify is written; we do not wait for the peer's
+            except OSError:
+                pass  # the session is already broken; just close the socket
+            self._flush()
+        self._enter_closed()
+        self._transport.close()
+
+    def abort(self) -> None:
+        """Close at once, dropping whatever is buffered."""
+        if self._transport is None or self._lost:
+            return
+        self._enter_closed()
+        self._transport.abort()
+
+    async def drain(self) -> None:
+        """Wait until the transport accepts writes again."""
+        if self._lost:
+            raise ConnectionResetError("connection lost") from self._error
+        if not self._write_paused:
+            return
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if self._drain_waiters is None:
+            self._drain_waiters = []
+        self._drain_waiters.append(waiter)
+        await waiter
+
+    def pause_reading(self) -> None:
+        self._reading_paused = True
+        if self._transport is not None:
+            self._transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if not self._reading_paused:
+            return
+        self._reading_paused = False
+        if self._transport is None or self.closing:
+            return
+        self._transport.resume_reading()
+        if self._mode is _Mode.ESTABLISHED:
+            # Records may wait in the BIO from before the pause. Deferred so the
+            # caller is not re-entered from inside resume_reading().
+            asyncio.get_running_loop().call_soon(self._resume_tls_input)
+
+    # ----------------------------------------------- asyncio.BufferedProtocol
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self._transport = transport
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:
+                pass  # the peer may already be gone; the first read will say so
+        factory, self._handler_factory = self._handler_factory, None
+        assert factory is not None
+        try:
+            self._handler = factory()
+            self._handler.connection_made(self)
+        except BaseException:
+            transport.abort()
+            raise
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        buffers = self._read_buffers()
+        return buffers.full if self._mode is _Mode.PLAIN else buffers.tls
+
+    def buffer_updated(self, nbytes: int) -> None:
+        if self._handler is None:
+            return
+        if self._mode is _Mode.PLAIN:
+            self._handler.data_received(bytes(self._read_buffers().full[:nbytes]))
+        elif self._incoming is not None:
+            self._incoming.write(self._read_buffers().tls[:nbytes])
+            self._process_tls()
+
+    def eof_received(self) -> bool | None:
+        if self._incoming is not None and self._mode is not _Mode.CLOSED:
+            self._incoming.write_eof()
+            self._process_tls()
+        return False  # the transport closes itself
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._lost = True
+        self._mode = _Mode.CLOSED
+        self._drop_tls()
+        error = self._error if self._error is not None else exc
+        waiters, self._drain_waiters = self._drain_waiters, None
+        for waiter in waiters or ():
+            if not waiter.done():
+                waiter.set_exception(ConnectionResetError("connection lost"))
+        handler, self._handler = self._handler, None
+        if handler is not None:
+            handler.connection_lost(error)
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        waiters, self._drain_waiters = self._drain_waiters, None
+        for waiter in waiters or ():
+            if not waiter.done():
+                waiter.set_result(None)
+
+    # ------------------------------------------------------------- TLS work
+
+    @classmethod
+    def _read_buffers(cls) -> _ReadBuffers:
+        thread_id = threading.get_ident()
+        buffers = cls._buffers.get(thread_id)
+        if buffers is None:
+            buffers = cls._buffers[thread_id] = _ReadBuffers()
+        return buffers
+
+    def _process_tls(self) -> None:
+        """Advance the handshake, then decrypt and deliver what the BIO holds."""
+        ssl_object = self._ssl
+        if ssl_object is None or self._handler is None:
+            return
+        if self._mode is _Mode.HANDSHAKING:
+            try:
+                ssl_object.do_handshake()
+            except ssl.SSLWantReadError:
+                self._flush()
+                return
+            except OSError as exc:
+                self._fail(exc)
+                return
+            self._mode = _Mode.ESTABLISHED
+            self._flush()  # Finished, and TLS 1.3 session tickets on the server
+            pending, self._pending_writes = self._pending_writes, None
+            for data in pending or ():
+                self._encrypt(data)
+            self._handler.tls_established()
+        self._read_application_data()
+
+    def _resume_tls_input(self) -> None:
+        if self._mode is _Mode.ESTABLISHED and not self._reading_paused:
+            self._read_application_data()
+
+    def _read_application_data(self) -> None:
+        buffer = self._read_buffers().full
+        size = len(buffer)
+        filled = 0
+        peer_closed = False
+        error: Exception | None = None
+        while self._mode is _Mode.ESTABLISHED and not self._reading_paused:
+            ssl_object = self._ssl
+            assert ssl_object is not None
+            try:
+                # With a buffer, read() returns a count (typeshed says bytes).
+                count = typing.cast(int, ssl_object.read(size - filled, buffer[filled:]))
+            except ssl.SSLWantReadError:
+                break
+            except ssl.SSLZeroReturnError:
+                peer_closed = True  # close_notify
+                break
+            except ssl.SSLEOFError:
+                peer_closed = True  # TCP EOF without close_notify; XMPP has its own end
+                break
+            except OSError as exc:
+                error = exc
+                break
+            if count == 0:
+                peer_closed = True
+                break
+            filled += count
+            if filled == size:
+                self._flush()
+                self._deliver(buffer, filled)
+                filled = 0
+        self._flush()
+        if filled:
+            self._deliver(buffer, filled)
+        if error is not None:
+            self._fail(error)
+        elif peer_closed:
+            self.close()
+
+    def _deliver(self, buffer: memoryview, count: int) -> None:
+        if self._handler is not None and self._mode is _Mode.ESTABLISHED:
+            self._handler.data_received(bytes(buffer[:count]))
+
+    def _encrypt(self, data: bytes) -> None:
+        view = memoryview(data)
+        for start in range(0, len(view), TLS_READ_SIZE):
+            ssl_object = self._ssl
+            if ssl_object is None or self._mode is not _Mode.ESTABLISHED:
+                return
+            try:
+                ssl_object.write(view[start : start + TLS_READ_SIZE])
+            except OSError as exc:
+                self._fail(exc)
+                return
+            self._flush()
+
+    def _flush(self) -> None:
+        outgoing = self._outgoing
+        if outgoing is not None and outgoing.pending and self._transport is not None:
+            self._transport.write(outgoing.read())
+
+    def _fail(self, exc: Exception) -> None:
+        if self._error is None:
+            self._error = exc
+        self._flush()  # the alert, if OpenSSL wrote one
+        if self._transport is not None and not self._lost:
+            self._enter_closed()
+            self._transport.close()
+
+    def _enter_closed(self) -> None:
+        self._mode = _Mode.CLOSED
+        self._drop_tls()
+
+    def _drop_tls(self) -> None:
+        self._ssl = None
+        self._incoming = None
+        self._outgoing = None
+        self._pending_writes = None
+
+
+def server_context(
+    cert_file: StrPath,
+    key_file: StrPath,
+    *,
+    ca_file: StrPath | None = None,
+    require_client_cert: bool = False,
+) -> ssl.SSLContext:
+    """A server context, TLS 1.2 minimum.
+
+    With `ca_file`, client certificates signed by that CA are requested and
+    verified (optional unless `require_client_cert`).
+    """
+    if require_client_cert and ca_file is None:
+        raise ValueError("require_client_cert needs ca_file to verify client certificates")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(cert_file, key_file)
+    if ca_file is not None:
+        context.load_verify_locations(cafile=ca_file)
+        context.verify_mode = ssl.CERT_REQUIRED if require_client_cert else ssl.CERT_OPTIONAL
+    return context
+
+
+def client_context(
+    ca_file: StrPath | None,
+    *,
+    cert_file: StrPath | None = None,
+    key_file: StrPath | None = None,
+    verify: bool = True,
+) -> ssl.SSLContext:
+    """A client context, TLS 1.2 minimum.
+
+    `verify`: check the server's chain (against `ca_file`, or the system
+    store when it is None) and its host name. `cert_file`/`key_file`: our
+    certificate for mutual TLS. Build one per process and share it: each new
+    context costs tens of milliseconds of CPU.
+    """
+    if key_file is not None and cert_file is None:
+        raise ValueError("key_file given without cert_file")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    if verify:
+        if ca_file is not None:
+            context.load_verify_locations(cafile=ca_file)
+        else:
+            context.load_default_certs(ssl.Purpose.SERVER_AUTH)
+    else:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    if cert_file is not None:
+        context.load_cert_chain(cert_file, key_file)
+    return context
