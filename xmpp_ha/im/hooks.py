@@ -1,0 +1,45 @@
+"""Typed extension points of the session manager.
+
+The HA layer (and any other plug-in) attaches here and nowhere else: it is
+told when sessions open and close, may add stream features and IQ handlers
+keyed by payload element, and may claim users that this node does not serve.
+"""
+
+from __future__ import annotations
+
+import xml.etree.ElementTree as ET
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from xmpp_ha.im.session import ClientSession
+
+SessionListener = Callable[["ClientSession"], None]
+# (session, iq stanza) -> None when answered synchronously, or an awaitable
+IqHandler = Callable[["ClientSession", ET.Element], Awaitable[None] | None]
+# (username) -> True when this node must not serve the user (e.g. the peer is its home)
+LoginGuard = Callable[[str], Awaitable[str | None]]
+# (username, stanza) -> True when the stanza was handed to another node
+RemoteRouter = Callable[[str, ET.Element], Awaitable[bool]]
+
+
+@dataclass
+class Hooks:
+    session_bound: list[SessionListener] = field(default_factory=list)
+    session_closed: list[SessionListener] = field(default_factory=list)
+    stream_features: list[Callable[["ClientSession"], list[ET.Element]]] = field(
+        default_factory=list
+    )
+    iq_handlers: dict[tuple[str, str], IqHandler] = field(default_factory=dict)
+    disco_features: list[str] = field(default_factory=list)
+    # asked before binding: a host name to redirect the client to, or None to serve it here
+    login_redirect: LoginGuard | None = None
+    # asked for a local-domain user with no session here: did another node take the stanza?
+    route_remote: RemoteRouter | None = None
+
+    def add_iq_handler(self, iq_type: str, payload_tag: str, handler: IqHandler) -> None:
+        key = (iq_type, payload_tag)
+        if key in self.iq_handlers:
+            raise ValueError(f"an IQ handler for {key} is already registered")
+        self.iq_handlers[key] = handler

@@ -1,0 +1,298 @@
+"""The session manager (the model's "JSM"): who is online here, and where stanzas go.
+
+It owns the registry of connections, bound sessions (by user and resource)
+and hibernated stream-management sessions, and the single routing primitive
+`deliver()` for stanzas addressed to a user of this domain. Feature services
+(roster, presence, messages, server IQs) hang off it and call back into it.
+
+Rules:
+- A user's roster is cached in memory while the user has a session here and
+  is written through to the store; only the node serving a user changes it.
+- A full JID is bound once: a new bind of the same full JID ends the old
+  session with `<conflict/>`.
+- A stanza is never dropped silently where the RFCs ask for an error, and a
+  message that cannot be delivered to a session goes to offline storage.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import xml.etree.ElementTree as ET
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from xmpp_ha.core.clock import Clock
+from xmpp_ha.core.errors import StanzaCondition, StanzaError
+from xmpp_ha.core.jid import JID
+from xmpp_ha.im.hooks import Hooks
+from xmpp_ha.im.throttle import AuthThrottle
+from xmpp_ha.protocol.stanzas import SUBSCRIPTION_TYPES, StanzaHeader, error_reply
+from xmpp_ha.store.repository import PendingSubscription, Repository, RosterItem
+
+if TYPE_CHECKING:
+    from xmpp_ha.im.session import ClientSession
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    handshake_timeout: float = 30.0
+    idle_timeout: float = 300.0
+    ping_timeout: float = 60.0
+    max_stanza_bytes: int = 262144
+    sm_resume_timeout: float = 300.0
+    auth_fail_delay: float = 1.0
+    offline_messages_per_user: int = 1000
+    max_resources_per_user: int = 10
+    max_auth_failures_per_stream: int = 5
+
+
+class UserRecord:
+    """One user with at least one session on this node."""
+
+    __slots__ = ("username", "bare", "sessions", "roster", "pending_in")
+
+    def __init__(
+        self,
+        username: str,
+        bare: JID,
+        roster: dict[str, RosterItem],
+        pending_in: dict[str, PendingSubscription],
+    ) -> None:
+        self.username = username
+        self.bare = bare
+        self.sessions: dict[str, ClientSession] = {}
+        self.roster = roster
+        self.pending_in = pending_in
+
+    def available(self) -> list[ClientSession]:
+        return [s for s in self.sessions.values() if s.available]
+
+    def interested(self) -> Iterator[ClientSession]:
+        """Sessions that asked for the roster and so get roster pushes (RFC 6121 §2.1.6)."""
+        return (s for s in self.sessions.values() if s.roster_requested)
+
+
+class SessionManager:
+    def __init__(
+        self,
+        *,
+        domain: str,
+        repo: Repository,
+        clock: Clock,
+        new_token: Callable[[int], str],
+        limits: Limits | None = None,
+        hooks: Hooks | None = None,
+    ) -> None:
+        from xmpp_ha.im.messages import MessageService
+        from xmpp_ha.im.presence import PresenceService
+        from xmpp_ha.im.roster import RosterService
+        from xmpp_ha.im.server_iq import IqService
+
+        self.domain = domain
+        self.repo = repo
+        self.clock = clock
+        self.new_token = new_token
+        self.limits = limits or Limits()
+        self.hooks = hooks or Hooks()
+        self.throttle = AuthThrottle(base=self.limits.auth_fail_delay)
+        self.connections: set[ClientSession] = set()
+        self.users: dict[str, UserRecord] = {}
+        self.resumable: dict[str, ClientSession] = {}
+        self._loading: dict[str, asyncio.Future[UserRecord]] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+        self.roster = RosterService(self)
+        self.presence = PresenceService(self)
+        self.messages = MessageService(self)
+        self.iq = IqService(self)
+        self.server_jid = JID.make("", domain)
+        self.fake_secret = new_token(32).encode()  # keys fake SCRAM salts for unknown users
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def spawn(self, work: Awaitable[None]) -> None:
+        """Run work in the background; failures are logged, never lost silently."""
+        task = asyncio.ensure_future(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("background work failed", exc_info=task.exception())
+
+    async def settle(self) -> None:
+        """Wait for background work (session endings, offline writes) to finish."""
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
+    # --- registry -----------------------------------------------------------
+
+    @property
+    def bound_sessions(self) -> int:
+        return sum(len(record.sessions) for record in self.users.values())
+
+    def bare(self, username: str) -> JID:
+        return JID(username, self.domain)
+
+    @asynccontextmanager
+    async def user_lock(self, username: str):  # type: ignore[no-untyped-def]
+        """Serialises changes to one user's roster across concurrent sessions."""
+        lock = self._locks.get(username)
+        if lock is None:
+            lock = self._locks[username] = asyncio.Lock()
+        try:
+            async with lock:
+                yield
+        finally:
+            if not lock.locked() and self._locks.get(username) is lock:
+                del self._locks[username]
+
+    async def _record_for(self, username: str) -> UserRecord:
+        record = self.users.get(username)
+        if record is not None:
+            return record
+        loading = self._loading.get(username)
+        if loading is not None:
+            return await asyncio.shield(loading)
+        future: asyncio.Future[UserRecord] = asyncio.get_running_loop().create_future()
+        self._loading[username] = future
+        try:
+            roster = await self.repo.get_roster(username)
+            pending = await self.repo.get_pending_subscriptions(username)
+            record = UserRecord(
+                username,
+                self.bare(username),
+                {item.contact: item for item in roster},
+                {request.contact: request for request in pending},
+            )
+            self.users[username] = record
+            future.set_result(record)
+            return record
+        except BaseException as exc:
+            future.set_exception(exc)
+            future.exception()  # mark retrieved: waiters re-raise it
+            raise
+        finally:
+            del self._loading[username]
+
+    async def bind(self, session: ClientSession, jid: JID) -> UserRecord:
+        record = await self._record_for(jid.local)
+        previous = record.sessions.get(jid.resource)
+        if previous is None and len(record.sessions) >= self.limits.max_resources_per_user:
+            if not record.sessions:
+                self._drop_record_if_empty(record)
+            raise StanzaError(StanzaCondition.RESOURCE_CONSTRAINT, "too many resources")
+        if previous is not None:
+            previous.replaced_by_conflict()
+        record.sessions[jid.resource] = session
+        for listener in self.hooks.session_bound:
+            listener(session)
+        return record
+
+    def unbind(self, session: ClientSession) -> None:
+        """Take a session out of the registry (its presence is handled by the caller)."""
+        record = session.record
+        if record is None or session.jid is None:
+            return
+        if record.sessions.get(session.jid.resource) is session:
+            del record.sessions[session.jid.resource]
+            for listener in self.hooks.session_closed:
+                listener(session)
+        self._drop_record_if_empty(record)
+
+    def _drop_record_if_empty(self, record: UserRecord) -> None:
+        if not record.sessions and self.users.get(record.username) is record:
+            del self.users[record.username]
+
+    def session_for(self, jid: JID) -> ClientSession | None:
+        record = self.users.get(jid.local)
+        return record.sessions.get(jid.resource) if record is not None else None
+
+    # --- routing ------------------------------------------------------------
+
+    def is_local_user(self, jid: JID) -> bool:
+        return jid.domain == self.domain and bool(jid.local)
+
+    def route(self, stanza: ET.Element, header: StanzaHeader) -> Awaitable[None] | None:
+        """Send a stanza to any address: a local user, this server, or a refusal."""
+        to = header.to
+        if to is None or to.domain != self.domain:
+            if header.type != "error":
+                return self.bounce(stanza, StanzaError(StanzaCondition.REMOTE_SERVER_NOT_FOUND))
+            return None
+        if not to.local:
+            return None  # server-generated replies to the server itself end here
+        return self.deliver(stanza, header)
+
+    def deliver(self, stanza: ET.Element, header: StanzaHeader) -> Awaitable[None] | None:
+        """Hand a stanza to the local user it is addressed to (header.to has a localpart)."""
+        assert header.to is not None
+        record = self.users.get(header.to.local)
+        if record is None:
+            return self._deliver_absent(stanza, header)
+        if header.kind == "message":
+            return self.messages.deliver_local(record, stanza, header)
+        if header.kind == "presence":
+            return self.presence.deliver_local(record, stanza, header)
+        return self.iq.deliver_local(record, stanza, header)
+
+    async def _deliver_absent(self, stanza: ET.Element, header: StanzaHeader) -> None:
+        assert header.to is not None
+        username = header.to.local
+        if self.hooks.route_remote is not None and await self.hooks.route_remote(username, stanza):
+            return
+        if header.kind == "presence" and header.type not in SUBSCRIPTION_TYPES:
+            return  # presence for someone offline is dropped (RFC 6121 §4.3.2, §4.6.3)
+        if username in self.users:  # the user bound while we asked
+            pending = self.deliver(stanza, header)
+            if pending is not None:
+                await pending
+            return
+        if not await self.repo.user_exists(username):
+            if header.kind != "presence" and header.type not in ("error", "result"):
+                await _awaited(self.bounce(stanza, StanzaError(StanzaCondition.SERVICE_UNAVAILABLE)))
+            return
+        if header.kind == "message":
+            await self.messages.deliver_offline(username, stanza, header)
+        elif header.kind == "presence":
+            await self.presence.deliver_offline(username, stanza, header)
+        elif header.type in ("get", "set"):
+            await _awaited(self.bounce(stanza, StanzaError(StanzaCondition.SERVICE_UNAVAILABLE)))
+
+    def bounce(self, stanza: ET.Element, error: StanzaError) -> Awaitable[None] | None:
+        """Return an error to the stanza's sender; errors about errors are dropped."""
+        if stanza.get("type") == "error" or not stanza.get("from"):
+            return None
+        reply = error_reply(stanza, error)
+        return self.route(reply, StanzaHeader.of(reply))
+
+    # --- housekeeping -------------------------------------------------------
+
+    def sweep(self, now: float) -> None:
+        """Time out silent connections, ping idle ones, expire hibernated sessions."""
+        for session in list(self.connections):
+            session.check_timers(now)
+        for token, session in list(self.resumable.items()):
+            if session.hibernated_until is not None and now >= session.hibernated_until:
+                del self.resumable[token]
+                session.expire_hibernation()
+
+    async def shutdown(self) -> None:
+        from xmpp_ha.core.errors import StreamCondition
+
+        for session in list(self.connections):
+            session.close_stream(StreamCondition.SYSTEM_SHUTDOWN)
+        for session in list(self.resumable.values()):
+            session.expire_hibernation()
+        self.resumable.clear()
+        await asyncio.sleep(0)
+        await self.settle()
+
+
+async def _awaited(pending: Awaitable[None] | None) -> None:
+    if pending is not None:
+        await pending

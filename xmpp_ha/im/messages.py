@@ -1,0 +1,189 @@
+"""Message delivery (RFC 6121 §8.5), carbons (XEP-0280) and offline storage.
+
+Rules:
+- To a full JID whose session exists: that session. Otherwise normal and chat
+  messages are treated as if sent to the bare JID, groupchat is refused and
+  headline dropped.
+- To a bare JID: every available session with the highest non-negative
+  priority; when there is none, normal and chat messages are stored offline
+  (with an XEP-0203 delay stamp) up to the per-user cap, after which the
+  sender gets `<service-unavailable/>`.
+- Carbons: chat messages (and normal ones with a body) are copied to the
+  user's other resources that enabled carbons, unless marked private/no-copy.
+"""
+
+from __future__ import annotations
+
+import xml.etree.ElementTree as ET
+from collections.abc import Awaitable
+from dataclasses import replace
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING
+
+from xmpp_ha.core.errors import StanzaCondition, StanzaError
+from xmpp_ha.core.jid import JID
+from xmpp_ha.protocol import ns
+from xmpp_ha.protocol.stanzas import MESSAGE, StanzaHeader, delay, readdressed
+from xmpp_ha.protocol.xml import serialize
+
+if TYPE_CHECKING:
+    from xmpp_ha.im.manager import SessionManager, UserRecord
+    from xmpp_ha.im.session import ClientSession
+
+_BODY = ns.tag(ns.CLIENT, "body")
+_PRIVATE = ns.tag(ns.CARBONS, "private")
+_NO_COPY = ns.tag(ns.HINTS, "no-copy")
+_CARBON_TAGS = frozenset(ns.tag(ns.CARBONS, name) for name in ("sent", "received"))
+_OFFLINE_TYPES = frozenset({"normal", "chat"})
+
+
+def _carbon_eligible(stanza: ET.Element, message_type: str) -> bool:
+    if message_type == "chat" or (message_type == "normal" and stanza.find(_BODY) is not None):
+        return not any(
+            child.tag in (_PRIVATE, _NO_COPY) or child.tag in _CARBON_TAGS for child in stanza
+        )
+    return False
+
+
+def _carbon(direction: str, stanza: ET.Element, user: JID, to: JID) -> ET.Element:
+    wrapper = ET.Element(MESSAGE, {"from": str(user.bare), "to": str(to), "type": stanza.get("type", "normal")})
+    carbon = ET.SubElement(wrapper, ns.tag(ns.CARBONS, direction))
+    forwarded = ET.SubElement(carbon, ns.tag(ns.FORWARD, "forwarded"))
+    forwarded.append(stanza)
+    return wrapper
+
+
+def utc_stamp() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+class MessageService:
+    def __init__(self, manager: SessionManager) -> None:
+        self.manager = manager
+
+    def outbound(
+        self, session: ClientSession, stanza: ET.Element, header: StanzaHeader
+    ) -> Awaitable[None] | None:
+        assert session.jid is not None and session.record is not None
+        if header.to is None:  # RFC 6120 §10.3.1: addressed to the sender's bare JID
+            stanza.set("to", str(session.jid.bare))
+            header = replace(header, to=session.jid.bare)
+        to = header.to
+        assert to is not None
+        if to.domain == self.manager.domain and not to.local:
+            if header.type != "error":
+                raise StanzaError(StanzaCondition.SERVICE_UNAVAILABLE, "the server takes no messages")
+            return None
+        if _carbon_eligible(stanza, header.type):
+            for other in session.record.sessions.values():
+                if other is not session and other.carbons:
+                    other.send(_carbon("sent", stanza, session.jid, other.jid or session.jid))
+        return self.manager.route(stanza, header)
+
+    def deliver_local(
+        self, record: UserRecord, stanza: ET.Element, header: StanzaHeader
+    ) -> Awaitable[None] | None:
+        to = header.to
+        assert to is not None
+        if to.resource:
+            target = record.sessions.get(to.resource)
+            if target is not None:
+                target.send(stanza)
+                self._copy_received(record, stanza, header, exclude=(target,))
+                return None
+            if header.type == "groupchat":
+                return self.manager.bounce(stanza, StanzaError(StanzaCondition.SERVICE_UNAVAILABLE))
+            if header.type not in _OFFLINE_TYPES:
+                return None
+        targets = _highest_priority(record)
+        if not targets:
+            if header.type in _OFFLINE_TYPES:
+                return self.deliver_offline(record.username, stanza, header)
+            if header.type == "groupchat":
+                return self.manager.bounce(stanza, StanzaError(StanzaCondition.SERVICE_UNAVAILABLE))
+            return None
+        for target in targets:
+            target.send(stanza)
+        self._copy_received(record, stanza, header, exclude=targets)
+        return None
+
+    def _copy_received(
+        self,
+        record: UserRecord,
+        stanza: ET.Element,
+        header: StanzaHeader,
+        exclude: tuple[ClientSession, ...] | list[ClientSession],
+    ) -> None:
+        if not _carbon_eligible(stanza, header.type):
+            return
+        for other in record.sessions.values():
+            if other.carbons and other not in exclude and other.jid is not None:
+                other.send(_carbon("received", stanza, record.bare, other.jid))
+
+    async def deliver_offline(self, username: str, stanza: ET.Element, header: StanzaHeader) -> None:
+        if header.type not in _OFFLINE_TYPES:
+            if header.type == "groupchat":
+                pending = self.manager.bounce(stanza, StanzaError(StanzaCondition.SERVICE_UNAVAILABLE))
+                if pending is not None:
+                    await pending
+            return
+        stored = self._stamped(stanza)
+        kept = await self.manager.repo.store_offline(
+            username, _stored_text(stored), self.manager.limits.offline_messages_per_user
+        )
+        if not kept:
+            pending = self.manager.bounce(
+                stanza, StanzaError(StanzaCondition.SERVICE_UNAVAILABLE, "offline storage is full")
+            )
+            if pending is not None:
+                await pending
+
+    def _stamped(self, stanza: ET.Element) -> ET.Element:
+        if stanza.find(ns.tag(ns.DELAY, "delay")) is not None:
+            return stanza
+        copy = readdressed(stanza, stanza.get("to", ""))
+        delay(copy, from_domain=self.manager.domain, stamp=utc_stamp())
+        return copy
+
+    async def flush_offline(self, session: ClientSession) -> None:
+        """Deliver stored messages to a session that just sent initial presence."""
+        assert session.jid is not None
+        for text in await self.manager.repo.take_offline(session.jid.local):
+            session.send(ET.fromstring(text))
+
+    async def redeliver(self, jid: JID, messages: list[ET.Element]) -> None:
+        """Messages a dead session never acknowledged: to another resource, else offline."""
+        record = self.manager.users.get(jid.local)
+        targets = _highest_priority(record) if record is not None else []
+        if targets:
+            for stanza in messages:
+                for target in targets:
+                    target.send(stanza)
+            return
+        items = [
+            (jid.local, _stored_text(self._stamped(stanza)))
+            for stanza in messages
+            if stanza.get("type", "normal") in _OFFLINE_TYPES
+        ]
+        if items:
+            await self.manager.repo.store_offline_many(
+                items, self.manager.limits.offline_messages_per_user
+            )
+
+
+def _stored_text(stanza: ET.Element) -> str:
+    """Self-contained XML (namespace declared) so that it parses back alone."""
+    return serialize(stanza, parent_ns="").decode()
+
+
+def _highest_priority(record: UserRecord) -> list[ClientSession]:
+    best: list[ClientSession] = []
+    top = 0
+    for session in record.sessions.values():
+        if not session.available or session.priority < 0:
+            continue
+        if not best or session.priority > top:
+            best, top = [session], session.priority
+        elif session.priority == top:
+            best.append(session)
+    return best

@@ -1,0 +1,207 @@
+"""Presence (RFC 6121 §4): broadcast, probes, directed presence, going offline.
+
+Rules:
+- Initial presence (the first available presence of a session) is sent to
+  every contact with a 'from' or 'both' subscription and to all of the
+  user's available resources (the sender included); probes go to every
+  contact the user is subscribed to, stored subscription requests and
+  offline messages are delivered.
+- Directed presence to an entity outside the broadcast set is remembered,
+  so that the entity hears 'unavailable' when the session goes.
+- Subscription stanzas are the roster service's business.
+"""
+
+from __future__ import annotations
+
+import xml.etree.ElementTree as ET
+from collections.abc import Awaitable
+from typing import TYPE_CHECKING
+
+from xmpp_ha.core.errors import StanzaCondition, StanzaError
+from xmpp_ha.core.jid import JID
+from xmpp_ha.protocol.stanzas import (
+    SUBSCRIPTION_TYPES,
+    StanzaHeader,
+    make_presence,
+    priority_of,
+    readdressed,
+)
+
+if TYPE_CHECKING:
+    from xmpp_ha.im.manager import SessionManager, UserRecord
+    from xmpp_ha.im.session import ClientSession
+
+_SEES_US = ("from", "both")  # the contact is subscribed to the user's presence
+_WE_SEE = ("to", "both")  # the user is subscribed to the contact's presence
+
+
+class PresenceService:
+    def __init__(self, manager: SessionManager) -> None:
+        self.manager = manager
+
+    # --- from the user's own session ----------------------------------------
+
+    def outbound(
+        self, session: ClientSession, stanza: ET.Element, header: StanzaHeader
+    ) -> Awaitable[None] | None:
+        if header.type in SUBSCRIPTION_TYPES:
+            return self.manager.roster.outbound_subscription(session, stanza, header)
+        if header.to is None:
+            if header.type == "available":
+                return self._broadcast_available(session, stanza)
+            if header.type == "unavailable":
+                return self._broadcast_unavailable(session, stanza)
+            raise StanzaError(StanzaCondition.BAD_REQUEST, f"{header.type} presence needs a 'to'")
+        if header.type == "probe":
+            return self._answer_probe_from_user(session, header.to)
+        if header.type in ("available", "unavailable"):
+            self._track_directed(session, header)
+        return self.manager.route(stanza, header)
+
+    def _track_directed(self, session: ClientSession, header: StanzaHeader) -> None:
+        assert header.to is not None and session.record is not None
+        target = str(header.to)
+        item = session.record.roster.get(str(header.to.bare))
+        if item is not None and item.subscription in _SEES_US:
+            return
+        if header.type == "available" and session.available:
+            session.directed.add(target)
+        else:
+            session.directed.discard(target)
+
+    def _broadcast_available(
+        self, session: ClientSession, stanza: ET.Element
+    ) -> Awaitable[None] | None:
+        assert session.jid is not None and session.record is not None
+        initial = not session.available
+        session.priority = priority_of(stanza)
+        session.available = True
+        session.presence = stanza
+        record = session.record
+        for own in record.available():
+            if own.jid is not None:
+                own.send(readdressed(stanza, str(own.jid)))
+        pending = self._to_subscribers(record, stanza)
+        if not initial:
+            return pending
+        for own in record.available():
+            if own is not session and own.presence is not None and own.jid is not None:
+                session.send(readdressed(own.presence, str(session.jid)))
+        return self._initial_extras(session, pending)
+
+    async def _initial_extras(
+        self, session: ClientSession, broadcast: Awaitable[None] | None
+    ) -> None:
+        assert session.jid is not None and session.record is not None
+        if broadcast is not None:
+            await broadcast
+        record = session.record
+        for contact, item in list(record.roster.items()):
+            if item.subscription in _WE_SEE:
+                probe = make_presence(str(session.jid), contact, "probe")
+                await _awaited(self.manager.route(probe, StanzaHeader.of(probe)))
+        for request in list(record.pending_in.values()):
+            session.send(ET.fromstring(request.stanza))
+        if session.priority >= 0:
+            await self.manager.messages.flush_offline(session)
+
+    def _broadcast_unavailable(
+        self, session: ClientSession, stanza: ET.Element
+    ) -> Awaitable[None] | None:
+        assert session.jid is not None and session.record is not None
+        if not session.available:
+            return None
+        session.available = False
+        session.presence = None
+        record = session.record
+        for own in record.sessions.values():
+            if (own.available or own is session) and own.jid is not None:
+                own.send(readdressed(stanza, str(own.jid)))
+        return self._to_subscribers(record, stanza, directed=session.directed)
+
+    async def went_offline(self, session: ClientSession, jid: JID, record: UserRecord) -> None:
+        """A session vanished while available: everyone who saw it hears 'unavailable'."""
+        stanza = make_presence(str(jid), None, "unavailable")
+        for own in record.available():
+            if own.jid is not None:
+                own.send(readdressed(stanza, str(own.jid)))
+        await _awaited(self._to_subscribers(record, stanza, directed=session.directed))
+        session.directed = set()
+
+    def _to_subscribers(
+        self, record: UserRecord, stanza: ET.Element, directed: set[str] | None = None
+    ) -> Awaitable[None] | None:
+        targets = [contact for contact, item in record.roster.items() if item.subscription in _SEES_US]
+        if directed:
+            targets.extend(directed)
+            directed.clear()
+        pending: list[Awaitable[None]] = []
+        for target in targets:
+            copy = readdressed(stanza, target)
+            step = self.manager.route(copy, StanzaHeader.of(copy))
+            if step is not None:
+                pending.append(step)
+        return _gather(pending)
+
+    def _answer_probe_from_user(self, session: ClientSession, to: JID) -> Awaitable[None] | None:
+        probe = make_presence(str(session.jid), str(to.bare), "probe")
+        return self.manager.route(probe, StanzaHeader.of(probe))
+
+    # --- to a user of this node ---------------------------------------------
+
+    def deliver_local(
+        self, record: UserRecord, stanza: ET.Element, header: StanzaHeader
+    ) -> Awaitable[None] | None:
+        if header.type in SUBSCRIPTION_TYPES:
+            return self.manager.roster.inbound_subscription(record.username, stanza, header)
+        if header.type == "probe":
+            return self._answer_probe(record, header)
+        to = header.to
+        assert to is not None
+        if to.resource:
+            target = record.sessions.get(to.resource)
+            if target is not None:
+                target.send(stanza)
+            return None
+        for target in record.available():
+            target.send(stanza)
+        return None
+
+    def _answer_probe(self, record: UserRecord, header: StanzaHeader) -> Awaitable[None] | None:
+        """Send each available resource's presence to a subscribed prober (§4.3.2)."""
+        item = record.roster.get(str(header.sender.bare))
+        if item is None or item.subscription not in _SEES_US:
+            return None
+        pending: list[Awaitable[None]] = []
+        for session in record.available():
+            if session.presence is None or session.jid is None:
+                continue
+            reply = readdressed(session.presence, str(header.sender))
+            reply.set("from", str(session.jid))
+            step = self.manager.route(reply, StanzaHeader.of(reply))
+            if step is not None:
+                pending.append(step)
+        return _gather(pending)
+
+    async def deliver_offline(self, username: str, stanza: ET.Element, header: StanzaHeader) -> None:
+        if header.type in SUBSCRIPTION_TYPES:
+            await self.manager.roster.inbound_subscription(username, stanza, header)
+        # other presence to an offline user is dropped (RFC 6121 §4.3.2, §4.6.3)
+
+
+def _gather(pending: list[Awaitable[None]]) -> Awaitable[None] | None:
+    if not pending:
+        return None
+    if len(pending) == 1:
+        return pending[0]
+
+    async def run_all() -> None:
+        for step in pending:
+            await step
+
+    return run_all()
+
+
+async def _awaited(pending: Awaitable[None] | None) -> None:
+    if pending is not None:
+        await pending

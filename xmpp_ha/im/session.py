@@ -1,0 +1,460 @@
+"""One client connection: drives the stream machine, SASL, binding and dispatch.
+
+A `ClientSession` receives decrypted bytes from its transport, turns them into
+stream events, and handles each in order. Handlers that need the store return
+an awaitable; while one runs, later events wait in a backlog so the order of
+a client's stanzas is kept, and reading pauses when the backlog grows.
+
+Life cycle: connected -> (TLS) -> authenticated -> bound -> closed, or
+hibernated (XEP-0198 resumable) -> resumed on a new connection | expired.
+On the way out every unacknowledged message is re-delivered or stored
+offline, and available presence is withdrawn from everyone who saw it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import xml.etree.ElementTree as ET
+from collections import deque
+from collections.abc import Awaitable
+from typing import Protocol
+
+from xmpp_ha.core.errors import StanzaCondition, StanzaError, StreamCondition
+from xmpp_ha.core.jid import JID, InvalidJID
+from xmpp_ha.im.manager import SessionManager, UserRecord
+from xmpp_ha.protocol import ns, stream
+from xmpp_ha.protocol.scram import (
+    SaslFailure,
+    ScramServer,
+    derive_credentials,
+    fake_credentials,
+    parse_plain,
+)
+from xmpp_ha.protocol.sm import StreamManagement
+from xmpp_ha.protocol.stanzas import MESSAGE, StanzaHeader, error_reply
+from xmpp_ha.protocol.stream import C2SStream
+from xmpp_ha.protocol.xml import serialize
+from xmpp_ha.store.repository import StoreUnavailable
+
+log = logging.getLogger(__name__)
+
+_BACKLOG_PAUSE = 64  # events waiting before we stop reading from the socket
+
+
+class Transport(Protocol):
+    """What a session needs from its connection (implemented by net.c2s)."""
+
+    peer_address: str
+
+    def write(self, data: bytes) -> None: ...
+    def start_tls(self) -> None: ...
+    def close(self) -> None: ...
+    def pause_reading(self) -> None: ...
+    def resume_reading(self) -> None: ...
+
+
+class ClientSession:
+    def __init__(self, manager: SessionManager, transport: Transport) -> None:
+        self.manager = manager
+        self.transport = transport
+        self.stream = C2SStream(
+            domain=manager.domain,
+            new_stream_id=lambda: manager.new_token(12),
+            max_stanza_bytes=manager.limits.max_stanza_bytes,
+            extra_features=self._extra_features,
+        )
+        now = manager.clock.now()
+        self.connected_at = now
+        self.last_received = now
+        self.ping_sent_at: float | None = None
+        self.jid: JID | None = None
+        self.record: UserRecord | None = None
+        self.available = False
+        self.priority = 0
+        self.presence: ET.Element | None = None  # last broadcast available presence
+        self.directed: set[str] = set()  # JIDs that got directed available presence
+        self.roster_requested = False
+        self.carbons = False
+        self.resume_token = ""
+        self.hibernated_until: float | None = None
+        self.attributes: dict[str, object] = {}  # per-session data of plug-ins
+        self._scram: ScramServer | None = None
+        self._auth_username = ""
+        self._auth_real = False
+        self._auth_failures = 0
+        self._backlog: deque[stream.StreamEvent] | None = None
+        self._closed = False
+        manager.connections.add(self)
+
+    # --- transport callbacks -----------------------------------------------
+
+    def data_received(self, data: bytes) -> None:
+        self.last_received = self.manager.clock.now()
+        self.ping_sent_at = None
+        events = self.stream.receive_data(data)
+        if self._backlog is not None:
+            self._backlog.extend(events)
+            if len(self._backlog) > _BACKLOG_PAUSE:
+                self.transport.pause_reading()
+        else:
+            self._run(deque(events))
+        self.flush()
+
+    def tls_established(self) -> None:
+        self.stream.tls_established()
+        self.flush()
+
+    def connection_lost(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self.manager.connections.discard(self)
+        self.manager.spawn(self._ended())
+
+    # --- output -------------------------------------------------------------
+
+    def flush(self) -> None:
+        data = self.stream.data_to_send()
+        if data:
+            self.transport.write(data)
+        if self.stream.closed and not self._closed:
+            self.transport.close()
+
+    def send(self, stanza: ET.Element) -> None:
+        """Deliver one stanza to this client (or keep it for resumption if hibernated)."""
+        if self.hibernated_until is not None:
+            assert self.stream.sm is not None
+            self.stream.sm.track_outbound(stanza)
+            return
+        self.stream.send_stanza(stanza)
+        self.flush()
+
+    def close_stream(self, condition: StreamCondition | None = None, text: str = "") -> None:
+        if condition is None:
+            self.stream.close()
+        else:
+            self.stream.fail(condition, text)
+        self.flush()
+
+    def replaced_by_conflict(self) -> None:
+        """A newer bind took this full JID: this session ends, its presence goes."""
+        self.manager.unbind(self)
+        if self.hibernated_until is not None:
+            self.manager.resumable.pop(self.resume_token, None)
+            self.manager.spawn(self._terminate())
+            return
+        self.resume_token = ""  # not resumable: the resource now belongs to another session
+        self.close_stream(StreamCondition.CONFLICT, "replaced by a new session")
+
+    # --- event processing ---------------------------------------------------
+
+    def _run(self, events: deque[stream.StreamEvent]) -> None:
+        while events:
+            pending = self._dispatch(events.popleft())
+            if pending is not None:
+                self._backlog = events
+                self.manager.spawn(self._drain(pending))
+                return
+
+    async def _drain(self, pending: Awaitable[None]) -> None:
+        try:
+            await self._guard(pending)
+            self.flush()
+            assert self._backlog is not None
+            while self._backlog:
+                step = self._dispatch(self._backlog.popleft())
+                if step is not None:
+                    await self._guard(step)
+                self.flush()
+        finally:
+            self._backlog = None
+            if not self._closed:
+                self.transport.resume_reading()
+            self.flush()
+
+    async def _guard(self, pending: Awaitable[None]) -> None:
+        try:
+            await pending
+        except StoreUnavailable as exc:
+            log.warning("store unavailable while serving %s: %s", self.jid, exc)
+            self.close_stream(StreamCondition.INTERNAL_SERVER_ERROR, "store unavailable")
+
+    def _dispatch(self, event: stream.StreamEvent) -> Awaitable[None] | None:
+        if isinstance(event, stream.StanzaReceived):
+            return self._on_stanza(event.stanza)
+        if isinstance(event, stream.TLSRequested):
+            self.flush()  # <proceed/> leaves in plaintext before the switch
+            self.transport.start_tls()
+            return None
+        if isinstance(event, stream.SaslStarted):
+            return self._sasl_start(event)
+        if isinstance(event, stream.SaslResponse):
+            return self._sasl_step(event.data)
+        if isinstance(event, stream.SaslAborted):
+            self._scram = None
+            return None
+        if isinstance(event, stream.BindRequested):
+            return self._bind(event)
+        if isinstance(event, stream.SMEnableRequested):
+            self._enable_sm(event.resume)
+            return None
+        if isinstance(event, stream.ResumeRequested):
+            return self._resume(event)
+        if isinstance(event, stream.StreamEnded):
+            self.flush()
+            self.transport.close()
+        return None
+
+    def _on_stanza(self, stanza: ET.Element) -> Awaitable[None] | None:
+        try:
+            header = StanzaHeader.of(stanza)
+            if header.kind == "message":
+                pending = self.manager.messages.outbound(self, stanza, header)
+            elif header.kind == "presence":
+                pending = self.manager.presence.outbound(self, stanza, header)
+            else:
+                pending = self.manager.iq.outbound(self, stanza, header)
+        except StanzaError as error:
+            self._answer_error(stanza, error)
+            return None
+        return None if pending is None else self._answering(stanza, pending)
+
+    async def _answering(self, stanza: ET.Element, pending: Awaitable[None]) -> None:
+        try:
+            await pending
+        except StanzaError as error:
+            self._answer_error(stanza, error)
+
+    def _answer_error(self, stanza: ET.Element, error: StanzaError) -> None:
+        if stanza.get("type") != "error":
+            self.send(error_reply(stanza, error, sender=stanza.get("to") or ""))
+
+    # --- SASL ---------------------------------------------------------------
+
+    def _sasl_start(self, event: stream.SaslStarted) -> Awaitable[None] | None:
+        if event.mechanism == "PLAIN":
+            return self._plain(event.initial_response or b"")
+        self._scram = ScramServer(event.mechanism, self.manager.new_token(24))  # type: ignore[arg-type]
+        self._auth_username = ""
+        if event.initial_response is None:
+            self.stream.sasl_challenge(b"")
+            return None
+        return self._sasl_step(event.initial_response)
+
+    def _sasl_step(self, data: bytes) -> Awaitable[None] | None:
+        scram = self._scram
+        if scram is None:
+            return self._sasl_failed(SaslFailure("malformed-request"))
+        if not self._auth_username:
+            return self._scram_first(scram, data)
+        try:
+            final = scram.client_final(data)
+            if not self._auth_real:
+                raise SaslFailure("not-authorized")
+        except SaslFailure as failure:
+            return self._sasl_failed(failure)
+        self._authenticated(final)
+        return None
+
+    async def _scram_first(self, scram: ScramServer, data: bytes) -> None:
+        try:
+            username = self._check_user(scram.client_first(data), scram.authzid)
+        except SaslFailure as failure:
+            await self._sasl_failed(failure)
+            return
+        mechanism = scram.mechanism
+        credentials = await self.manager.repo.get_credentials(username, mechanism)
+        self._auth_real = credentials is not None
+        if credentials is None:  # answer exactly as for a wrong password
+            credentials = fake_credentials(mechanism, username, self.manager.fake_secret)
+        self._auth_username = username
+        self.stream.sasl_challenge(scram.server_first(credentials))
+
+    async def _plain(self, data: bytes) -> None:
+        try:
+            authzid, username, password = parse_plain(data)
+            username = self._check_user(username, authzid)
+            credentials = await self.manager.repo.get_credentials(username, "SCRAM-SHA-256")
+            if credentials is None:
+                raise SaslFailure("not-authorized")
+            loop = asyncio.get_running_loop()
+            derived = await loop.run_in_executor(
+                None, derive_credentials, password, "SCRAM-SHA-256", credentials.salt,
+                credentials.iterations,
+            )  # fmt: skip
+            if not hmac.compare_digest(derived.stored_key, credentials.stored_key):
+                raise SaslFailure("not-authorized")
+        except (SaslFailure, ValueError) as failure:
+            await self._sasl_failed(
+                failure if isinstance(failure, SaslFailure) else SaslFailure("not-authorized")
+            )
+            return
+        self._auth_username = username
+        self._authenticated(b"")
+
+    def _check_user(self, username: str, authzid: str) -> str:
+        try:
+            user = JID.make(username, self.manager.domain)
+        except InvalidJID as exc:
+            raise SaslFailure("not-authorized") from exc
+        if authzid and authzid not in (str(user), user.local):
+            raise SaslFailure("invalid-authzid")
+        return user.local
+
+    def _authenticated(self, additional: bytes) -> None:
+        self.manager.throttle.succeeded(self.transport.peer_address)
+        self._scram = None
+        self.stream.sasl_success(self._auth_username, additional)
+
+    async def _sasl_failed(self, failure: SaslFailure) -> None:
+        self._scram = None
+        self._auth_username = ""
+        self._auth_failures += 1
+        delay = self.manager.throttle.failed(self.transport.peer_address, self.manager.clock.now())
+        if delay > 0:
+            await asyncio.sleep(delay)
+        if self._closed:
+            return
+        self.stream.sasl_failure(failure.condition)
+        if self._auth_failures >= self.manager.limits.max_auth_failures_per_stream:
+            self.stream.fail(StreamCondition.POLICY_VIOLATION, "too many failed authentications")
+        self.flush()
+
+    # --- binding and stream management ---------------------------------------
+
+    def _extra_features(self) -> list[ET.Element]:
+        features: list[ET.Element] = []
+        for provider in self.manager.hooks.stream_features:
+            features.extend(provider(self))
+        return features
+
+    async def _bind(self, event: stream.BindRequested) -> None:
+        redirect = self.manager.hooks.login_redirect
+        if redirect is not None:
+            other_host = await redirect(self.stream.username)
+            if other_host:
+                self.stream.fail(StreamCondition.SEE_OTHER_HOST, "", other_host)
+                return
+        resource = event.resource or self.manager.new_token(9)
+        try:
+            jid = JID.make(self.stream.username, self.manager.domain, resource)
+        except InvalidJID:
+            self.stream.bind_failed(event.iq_id, "bad-request", "modify")
+            return
+        try:
+            record = await self.manager.bind(self, jid)
+        except StanzaError as error:
+            self.stream.bind_failed(event.iq_id, error.condition.element_name, error.error_type)
+            return
+        if self._closed:
+            self.manager.unbind(self)
+            return
+        self.jid = jid
+        self.record = record
+        self.stream.bind_succeeded(event.iq_id, jid)
+
+    def _enable_sm(self, resume: bool) -> None:
+        sm = StreamManagement()
+        if resume and self.jid is not None:
+            self.resume_token = self.manager.new_token(18)
+            self.manager.resumable[self.resume_token] = self
+            timeout = int(self.manager.limits.sm_resume_timeout)
+            self.stream.sm_enabled(sm, self.resume_token, timeout)
+        else:
+            self.stream.sm_enabled(sm)
+
+    async def _resume(self, event: stream.ResumeRequested) -> None:
+        old = self.manager.resumable.get(event.previd)
+        if old is None or old.jid is None or old.jid.local != self.stream.username:
+            self.stream.sm_failed("item-not-found")
+            return
+        assert old.stream.sm is not None
+        del self.manager.resumable[event.previd]
+        if old.hibernated_until is None:  # the old connection is still open: take it over
+            old.resume_token = ""
+            old.close_stream(StreamCondition.CONFLICT, "resumed on another connection")
+            old._closed = True
+            old.manager.connections.discard(old)
+        sm = old.stream.sm
+        try:
+            sm.acknowledge(event.handled)
+        except Exception:  # noqa: BLE001 - a bad h from the client ends the resumption
+            self.stream.sm_failed("unexpected-request")
+            self.manager.spawn(old._terminate())
+            return
+        self._adopt(old)
+        for stanza in self.stream.resumed(old.jid, sm, event.previd):
+            self.stream.send_raw(serialize(stanza))
+        self.flush()
+
+    def _adopt(self, old: ClientSession) -> None:
+        assert old.jid is not None and old.record is not None
+        self.jid = old.jid
+        self.record = old.record
+        self.available = old.available
+        self.priority = old.priority
+        self.presence = old.presence
+        self.directed = old.directed
+        self.roster_requested = old.roster_requested
+        self.carbons = old.carbons
+        self.attributes = old.attributes
+        self.resume_token = self.manager.new_token(18)
+        self.manager.resumable[self.resume_token] = self
+        if old.record.sessions.get(old.jid.resource) is old:
+            old.record.sessions[old.jid.resource] = self
+        old.record = None
+        old.jid = None
+        old.hibernated_until = None
+
+    # --- timers and the end -------------------------------------------------
+
+    def check_timers(self, now: float) -> None:
+        limits = self.manager.limits
+        if self.jid is None:
+            if now - self.connected_at > limits.handshake_timeout:
+                self.close_stream(StreamCondition.CONNECTION_TIMEOUT, "log in faster")
+            return
+        if self.ping_sent_at is not None:
+            if now - self.ping_sent_at > limits.ping_timeout:
+                self.close_stream(StreamCondition.CONNECTION_TIMEOUT, "no answer to ping")
+                self.transport.close()
+        elif now - self.last_received > limits.idle_timeout:
+            self.ping_sent_at = now
+            ping = ET.Element(
+                ns.tag(ns.CLIENT, "iq"),
+                {"type": "get", "id": "ping-" + self.manager.new_token(6), "to": str(self.jid),
+                 "from": self.manager.domain},
+            )  # fmt: skip
+            ET.SubElement(ping, ns.tag(ns.PING, "ping"))
+            self.send(ping)
+
+    async def _ended(self) -> None:
+        """The connection is gone: hibernate for resumption, or terminate."""
+        if self.jid is None or self.record is None:
+            return
+        if self.resume_token and self.manager.resumable.get(self.resume_token) is self:
+            self.hibernated_until = self.manager.clock.now() + self.manager.limits.sm_resume_timeout
+            return
+        await self._terminate()
+
+    def expire_hibernation(self) -> None:
+        self.hibernated_until = None
+        self.manager.spawn(self._terminate())
+
+    async def _terminate(self) -> None:
+        """Withdraw presence and hand every unacknowledged message on."""
+        record, jid = self.record, self.jid
+        if record is None or jid is None:
+            return
+        self.manager.unbind(self)
+        self.record = None
+        if self.available:
+            self.available = False
+            await self.manager.presence.went_offline(self, jid, record)
+        unacked = self.stream.sm.unacked() if self.stream.sm is not None else []
+        messages = [stanza for stanza in unacked if stanza.tag == MESSAGE]
+        if messages:
+            await self.manager.messages.redeliver(jid, messages)
+

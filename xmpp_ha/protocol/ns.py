@@ -1,0 +1,26 @@
+"""XML namespaces used on the wire, in one place."""
+
+CLIENT = "jabber:client"
+STREAM = "http://etherx.jabber.org/streams"
+TLS = "urn:ietf:params:xml:ns:xmpp-tls"
+SASL = "urn:ietf:params:xml:ns:xmpp-sasl"
+BIND = "urn:ietf:params:xml:ns:xmpp-bind"
+SESSION = "urn:ietf:params:xml:ns:xmpp-session"
+STANZAS = "urn:ietf:params:xml:ns:xmpp-stanzas"
+STREAMS = "urn:ietf:params:xml:ns:xmpp-streams"
+SM = "urn:xmpp:sm:3"
+ROSTER = "jabber:iq:roster"
+DISCO_INFO = "http://jabber.org/protocol/disco#info"
+DISCO_ITEMS = "http://jabber.org/protocol/disco#items"
+PING = "urn:xmpp:ping"
+CARBONS = "urn:xmpp:carbons:2"
+FORWARD = "urn:xmpp:forward:0"
+HINTS = "urn:xmpp:hints"
+DELAY = "urn:xmpp:delay"
+VERSION = "jabber:iq:version"
+XML = "http://www.w3.org/XML/1998/namespace"
+
+
+def tag(namespace: str, local: str) -> str:
+    """The ElementTree name `{namespace}local`."""
+    return f"{{{namespace}}}{local}"
