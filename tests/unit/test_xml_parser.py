@@ -235,6 +235,33 @@ def test_restricted_xml(data: bytes) -> None:
     assert error_of(data) is StreamCondition.RESTRICTED_XML
 
 
+BAD_DOCUMENTS = [
+    (BILLION_LAUGHS, StreamCondition.RESTRICTED_XML),
+    (HEADER + b"<message><!-- hello --></message>", StreamCondition.RESTRICTED_XML),
+    (HEADER + b"<message><?pi x?></message>", StreamCondition.RESTRICTED_XML),
+    (HEADER + b"<message><body>&nbsp;</body></message>", StreamCondition.RESTRICTED_XML),
+    (HEADER + b"<message><body></message>", StreamCondition.NOT_WELL_FORMED),
+    (HEADER + b"<a>" * 70, StreamCondition.POLICY_VIOLATION),
+]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.sampled_from(BAD_DOCUMENTS),
+    st.lists(st.integers(min_value=0, max_value=len(BILLION_LAUGHS)), max_size=20),
+)
+def test_any_split_gives_the_same_error(
+    case: tuple[bytes, StreamCondition], cuts: list[int]
+) -> None:
+    document, condition = case
+    points = [0, *sorted(min(cut, len(document)) for cut in cuts), len(document)]
+    parser = XMLStreamParser()
+    with pytest.raises(StreamError) as caught:
+        for a, b in zip(points, points[1:], strict=False):
+            parser.feed(document[a:b])
+    assert caught.value.condition is condition
+
+
 def test_predefined_and_character_references_are_allowed() -> None:
     events = feed_all(
         [HEADER, b"<message a='&quot;&apos;'><body>&lt;&gt;&amp;&#65;&#x42;</body></message>"]
@@ -332,6 +359,33 @@ def test_never_ending_stanza_is_cut_off_while_streaming() -> None:
         for _ in range(100):
             parser.feed(b"x" * 1000)
     assert caught.value.condition is StreamCondition.POLICY_VIOLATION
+
+
+def test_never_ending_start_tag_is_cut_off() -> None:
+    """Expat holds an unfinished tag without calling a handler; the fed bytes still count."""
+    parser = XMLStreamParser(max_stanza_bytes=10_000)
+    parser.feed(HEADER + b"<presence/><message id='")
+    with pytest.raises(StreamError) as caught:
+        for _ in range(100):
+            parser.feed(b"x" * 1000)
+    assert caught.value.condition is StreamCondition.POLICY_VIOLATION
+
+
+def test_never_ending_stream_header_is_cut_off() -> None:
+    parser = XMLStreamParser(max_stanza_bytes=10_000)
+    parser.feed(HEADER[:-1])
+    with pytest.raises(StreamError) as caught:
+        for _ in range(100):
+            parser.feed(b" a" + str(_).encode() + b"='" + b"x" * 1000 + b"'")
+    assert caught.value.condition is StreamCondition.POLICY_VIOLATION
+
+
+def test_whitespace_keepalives_never_add_up() -> None:
+    parser = XMLStreamParser(max_stanza_bytes=1000)
+    parser.feed(HEADER)
+    for _ in range(2000):
+        assert parser.feed(b"  \n ") == []
+    assert parser.feed(b" " * 900 + b"<presence/>" + b" " * 900) != []
 
 
 def test_many_small_elements_count_towards_the_limit() -> None:

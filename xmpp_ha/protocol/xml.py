@@ -11,8 +11,10 @@ Pure: bytes in, events out; no sockets, no clock. Rules (RFC 6120 §11):
   `<!DOCTYPE`).
 - A stanza (a child of the root) may hold at most `max_stanza_bytes`, counted
   from the first byte of its start tag; bytes fed while a stanza is open count
-  at once, so a stanza that never ends is cut off. Nesting deeper than
-  `max_depth` below the root is `policy-violation`.
+  at once, so a stanza that never ends is cut off. Outside stanzas the same
+  bound applies to bytes not yet part of a finished event (a start tag that
+  never ends). Nesting deeper than `max_depth` below the root is
+  `policy-violation`.
 - Any error leaves the parser unusable: every later `feed()` raises the same
   `StreamError`. The caller sends it and closes the stream.
 - Whitespace between stanzas is ignored; other text there is `bad-format`.
@@ -112,7 +114,7 @@ class XMLStreamParser:
         "_events",
         "_stack",
         "_depth",
-        "_stanza_start",
+        "_pending_from",
         "_fed",
         "_failure",
         "_default_ns",
@@ -148,7 +150,9 @@ class XMLStreamParser:
         self._events: list[StreamEvent] = []
         self._stack: list[ET.Element] = []  # the open elements of the current stanza
         self._depth = 0  # open elements, the root included
-        self._stanza_start = -1  # byte offset of the open stanza's start tag, or -1
+        # Where the bytes expat holds without a finished stream-level event begin:
+        # the open stanza's start tag, or just after the last stream-level event.
+        self._pending_from = 0
         self._fed = 0  # bytes given to this expat parser
         self._failure: StreamError | None = None
         self._default_ns: str | None = None
@@ -180,8 +184,7 @@ class XMLStreamParser:
     def _parse(self, data: bytes) -> None:
         self._parser.Parse(data, False)
         self._fed += len(data)
-        start = self._stanza_start
-        if start >= 0 and self._fed - start > self._max_stanza_bytes:
+        if self._fed - self._pending_from > self._max_stanza_bytes:
             raise self._too_big()
 
     def _fail(self, error: StreamError) -> None:
@@ -216,7 +219,7 @@ class XMLStreamParser:
             stack = self._stack
             stack.append(ET.SubElement(stack[-1], tag, attrs))
         elif depth == 1:
-            self._stanza_start = self._parser.CurrentByteIndex
+            self._pending_from = self._parser.CurrentByteIndex
             self._stack.append(ET.Element(tag, attrs))
         else:
             self._open_stream(tag, attrs)
@@ -228,11 +231,13 @@ class XMLStreamParser:
         if depth > 1:
             self._stack.pop()
         elif depth == 1:
-            if self._parser.CurrentByteIndex - self._stanza_start > self._max_stanza_bytes:
+            end = self._parser.CurrentByteIndex
+            if end - self._pending_from > self._max_stanza_bytes:
                 raise self._too_big()
-            self._stanza_start = -1
+            self._pending_from = end
             self._events.append(ElementReceived(self._stack.pop()))
         else:
+            self._pending_from = self._parser.CurrentByteIndex
             self._events.append(StreamClosed())
 
     def _on_text(self, data: str) -> None:
@@ -244,7 +249,9 @@ class XMLStreamParser:
                 last.tail = data if last.tail is None else last.tail + data
             else:
                 element.text = data if element.text is None else element.text + data
-        elif not data.isspace():
+        elif data.isspace():
+            self._pending_from = self._parser.CurrentByteIndex  # the end of the whitespace
+        else:
             raise StreamError(StreamCondition.BAD_FORMAT, "text outside of a stanza")
 
     def _open_stream(self, tag: str, attrs: dict[str, str]) -> None:
@@ -262,6 +269,7 @@ class XMLStreamParser:
                 StreamCondition.INVALID_NAMESPACE,
                 f"default namespace {namespace!r} is not jabber:client",
             )
+        self._pending_from = self._parser.CurrentByteIndex
         # Declarations below the root do not matter to us; stop paying for them.
         self._parser.StartNamespaceDeclHandler = None
         self._events.append(StreamOpened(dict(attrs), namespace))
