@@ -46,6 +46,7 @@ class Limits:
     max_stanza_bytes: int = 262144
     sm_resume_timeout: float = 300.0
     auth_fail_delay: float = 1.0
+    auth_fail_delay_max: float = 30.0
     offline_messages_per_user: int = 1000
     max_resources_per_user: int = 10
     max_auth_failures_per_stream: int = 5
@@ -99,7 +100,7 @@ class SessionManager:
         self.new_token = new_token
         self.limits = limits or Limits()
         self.hooks = hooks or Hooks()
-        self.throttle = AuthThrottle(base=self.limits.auth_fail_delay)
+        self.throttle = AuthThrottle(base=self.limits.auth_fail_delay, cap=self.limits.auth_fail_delay_max)
         self.connections: set[ClientSession] = set()
         self.users: dict[str, UserRecord] = {}
         self.resumable: dict[str, ClientSession] = {}

@@ -42,9 +42,19 @@ def limits_of(config: NodeConfig) -> Limits:
         max_stanza_bytes=c2s.max_stanza_bytes,
         sm_resume_timeout=c2s.sm_resume_timeout,
         auth_fail_delay=c2s.auth_fail_delay,
+        auth_fail_delay_max=c2s.auth_fail_delay_max,
         offline_messages_per_user=config.limits.offline_messages_per_user,
         max_resources_per_user=config.limits.max_resources_per_user,
     )
+
+
+def prepare_embedded(config: NodeConfig) -> None:
+    """Create the data directory and the certificates the embedded default uses."""
+    from xmpp_ha.certs import ensure_node_cert
+
+    config.node.data_dir.mkdir(parents=True, exist_ok=True)
+    if not (config.tls.cert_file.exists() and config.tls.key_file.exists()):
+        ensure_node_cert(config.tls.cert_file.parent, config.node.name)
 
 
 def _malloc_trim() -> None:
