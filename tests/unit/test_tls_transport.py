@@ -286,6 +286,25 @@ async def test_starttls_echo_and_close_notify(
     assert conn.tls_version is None and conn._ssl is None and conn._incoming is None
 
 
+async def test_tls12_echo_and_close_notify(
+    start_server: Any, certs: Certs, server_ctx: ssl.SSLContext
+) -> None:
+    context = client_context(certs.ca)
+    context.maximum_version = ssl.TLSVersion.TLSv1_2
+    server = await start_server(server_ctx)
+    client = StartTlsClient(context)
+    conn = await connect(server.port, client)
+    await asyncio.wait_for(client.tls_up, 5)
+    assert conn.tls_version == "TLSv1.2"
+    payload = os.urandom(100_000)
+    conn.write(payload)
+    assert await client.wait_for(len(payload)) == payload
+    handler = await server.next_handler()
+    handler.c.close()  # the server closes this time
+    assert await asyncio.wait_for(client.lost, 5) is None
+    assert await asyncio.wait_for(handler.lost, 5) is None
+
+
 async def test_writes_before_start_tls_are_plaintext_and_during_handshake_are_queued(
     start_server: Any, server_ctx: ssl.SSLContext, client_ctx: ssl.SSLContext
 ) -> None:
@@ -499,8 +518,10 @@ async def test_many_concurrent_connections(
     assert len(server.handlers) == 200
     results = await asyncio.gather(*(handler.lost for handler in server.handlers))
     assert results == [None] * 200
-    # One shared read buffer for all of them.
-    assert len(StreamConnection._buffers) == 1
+    # One shared read buffer for all of them (one per event-loop thread).
+    assert threading.get_ident() in StreamConnection._buffers
+    buffers = {id(handler.c._read_buffers().full.obj) for handler in server.handlers}
+    assert len(buffers) == 1
 
 
 # -------------------------------------------------------- independent peers
