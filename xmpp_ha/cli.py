@@ -34,15 +34,14 @@ class CLIError(Exception):
 def _node_config(args: argparse.Namespace) -> NodeConfig:
     if getattr(args, "config", None):
         config = load_config(Path(args.config))
-        overrides = {
-            key: getattr(args, key, None) for key in ("domain", "port", "data_dir")
-        }
+        overrides = {key: getattr(args, key, None) for key in ("domain", "port", "data_dir")}
         if any(value is not None for value in overrides.values()):
             raise ConfigError("--domain, --port and --data-dir go without --config")
         return config
+    port = getattr(args, "port", None)
     return default_config(
         domain=getattr(args, "domain", None) or "localhost",
-        port=getattr(args, "port", None) if getattr(args, "port", None) is not None else 5222,
+        port=5222 if port is None else int(port),
         data_dir=Path(getattr(args, "data_dir", None) or ".xmpp-ha"),
     )
 

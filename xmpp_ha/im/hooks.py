@@ -28,9 +28,7 @@ RemoteRouter = Callable[[str, ET.Element], Awaitable[bool]]
 class Hooks:
     session_bound: list[SessionListener] = field(default_factory=list)
     session_closed: list[SessionListener] = field(default_factory=list)
-    stream_features: list[Callable[["ClientSession"], list[ET.Element]]] = field(
-        default_factory=list
-    )
+    stream_features: list[Callable[[ClientSession], list[ET.Element]]] = field(default_factory=list)
     iq_handlers: dict[tuple[str, str], IqHandler] = field(default_factory=dict)
     disco_features: list[str] = field(default_factory=list)
     # asked before binding: a host name to redirect the client to, or None to serve it here

@@ -100,7 +100,9 @@ class SessionManager:
         self.new_token = new_token
         self.limits = limits or Limits()
         self.hooks = hooks or Hooks()
-        self.throttle = AuthThrottle(base=self.limits.auth_fail_delay, cap=self.limits.auth_fail_delay_max)
+        self.throttle = AuthThrottle(
+            base=self.limits.auth_fail_delay, cap=self.limits.auth_fail_delay_max
+        )
         self.connections: set[ClientSession] = set()
         self.users: dict[str, UserRecord] = {}
         self.resumable: dict[str, ClientSession] = {}
@@ -255,7 +257,9 @@ class SessionManager:
             return
         if not await self.repo.user_exists(username):
             if header.kind != "presence" and header.type not in ("error", "result"):
-                await _awaited(self.bounce(stanza, StanzaError(StanzaCondition.SERVICE_UNAVAILABLE)))
+                await _awaited(
+                    self.bounce(stanza, StanzaError(StanzaCondition.SERVICE_UNAVAILABLE))
+                )
             return
         if header.kind == "message":
             await self.messages.deliver_offline(username, stanza, header)

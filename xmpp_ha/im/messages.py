@@ -46,7 +46,9 @@ def _carbon_eligible(stanza: ET.Element, message_type: str) -> bool:
 
 
 def _carbon(direction: str, stanza: ET.Element, user: JID, to: JID) -> ET.Element:
-    wrapper = ET.Element(MESSAGE, {"from": str(user.bare), "to": str(to), "type": stanza.get("type", "normal")})
+    wrapper = ET.Element(
+        MESSAGE, {"from": str(user.bare), "to": str(to), "type": stanza.get("type", "normal")}
+    )
     carbon = ET.SubElement(wrapper, ns.tag(ns.CARBONS, direction))
     forwarded = ET.SubElement(carbon, ns.tag(ns.FORWARD, "forwarded"))
     forwarded.append(stanza)
@@ -72,7 +74,9 @@ class MessageService:
         assert to is not None
         if to.domain == self.manager.domain and not to.local:
             if header.type != "error":
-                raise StanzaError(StanzaCondition.SERVICE_UNAVAILABLE, "the server takes no messages")
+                raise StanzaError(
+                    StanzaCondition.SERVICE_UNAVAILABLE, "the server takes no messages"
+                )
             return None
         if _carbon_eligible(stanza, header.type):
             for other in session.record.sessions.values():
@@ -120,10 +124,14 @@ class MessageService:
             if other.carbons and other not in exclude and other.jid is not None:
                 other.send(_carbon("received", stanza, record.bare, other.jid))
 
-    async def deliver_offline(self, username: str, stanza: ET.Element, header: StanzaHeader) -> None:
+    async def deliver_offline(
+        self, username: str, stanza: ET.Element, header: StanzaHeader
+    ) -> None:
         if header.type not in _OFFLINE_TYPES:
             if header.type == "groupchat":
-                pending = self.manager.bounce(stanza, StanzaError(StanzaCondition.SERVICE_UNAVAILABLE))
+                pending = self.manager.bounce(
+                    stanza, StanzaError(StanzaCondition.SERVICE_UNAVAILABLE)
+                )
                 if pending is not None:
                     await pending
             return

@@ -131,7 +131,9 @@ class PresenceService:
     def _to_subscribers(
         self, record: UserRecord, stanza: ET.Element, directed: set[str] | None = None
     ) -> Awaitable[None] | None:
-        targets = [contact for contact, item in record.roster.items() if item.subscription in _SEES_US]
+        targets = [
+            contact for contact, item in record.roster.items() if item.subscription in _SEES_US
+        ]
         if directed:
             targets.extend(directed)
             directed.clear()
@@ -183,7 +185,9 @@ class PresenceService:
                 pending.append(step)
         return _gather(pending)
 
-    async def deliver_offline(self, username: str, stanza: ET.Element, header: StanzaHeader) -> None:
+    async def deliver_offline(
+        self, username: str, stanza: ET.Element, header: StanzaHeader
+    ) -> None:
         if header.type in SUBSCRIPTION_TYPES:
             await self.manager.roster.inbound_subscription(username, stanza, header)
         # other presence to an offline user is dropped (RFC 6121 §4.3.2, §4.6.3)

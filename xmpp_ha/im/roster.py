@@ -79,7 +79,9 @@ class RosterService:
     async def _update(self, username: str, contact: str, element: ET.Element) -> None:
         name = element.get("name", "")
         groups = tuple(group.text or "" for group in element.findall(_GROUP))
-        if len(set(groups)) != len(groups) or any(not g or len(g) > MAX_GROUP_LENGTH for g in groups):
+        if len(set(groups)) != len(groups) or any(
+            not g or len(g) > MAX_GROUP_LENGTH for g in groups
+        ):
             raise StanzaError(StanzaCondition.BAD_REQUEST, "groups must be distinct and non-empty")
         if len(name) > MAX_NAME_LENGTH:
             raise StanzaError(StanzaCondition.NOT_ACCEPTABLE, "name too long")
@@ -149,7 +151,9 @@ class RosterService:
             for session in record.available():
                 session.send(delivered)
         if outcome.auto_reply:
-            await self._route(make_presence(str(self.manager.bare(username)), contact, outcome.auto_reply))
+            await self._route(
+                make_presence(str(self.manager.bare(username)), contact, outcome.auto_reply)
+            )
             if record is not None:
                 for session in record.available():
                     if session.presence is not None and session.jid is not None:

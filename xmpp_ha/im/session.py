@@ -21,7 +21,7 @@ from collections import deque
 from collections.abc import Awaitable
 from typing import Protocol
 
-from xmpp_ha.core.errors import StanzaCondition, StanzaError, StreamCondition
+from xmpp_ha.core.errors import StanzaError, StreamCondition
 from xmpp_ha.core.jid import JID, InvalidJID
 from xmpp_ha.im.manager import SessionManager, UserRecord
 from xmpp_ha.protocol import ns, stream
@@ -457,4 +457,3 @@ class ClientSession:
         messages = [stanza for stanza in unacked if stanza.tag == MESSAGE]
         if messages:
             await self.manager.messages.redeliver(jid, messages)
-

@@ -15,7 +15,12 @@ from dataclasses import dataclass, replace
 
 from xmpp_ha.store.repository import RosterItem, Subscription
 
-_ADD_TO: dict[Subscription, Subscription] = {"none": "to", "from": "both", "to": "to", "both": "both"}
+_ADD_TO: dict[Subscription, Subscription] = {
+    "none": "to",
+    "from": "both",
+    "to": "to",
+    "both": "both",
+}
 _ADD_FROM: dict[Subscription, Subscription] = {
     "none": "from", "to": "both", "from": "from", "both": "both"
 }  # fmt: skip

@@ -90,14 +90,16 @@ def error_reply(stanza: ET.Element, error: StanzaError, *, sender: str | None = 
         reply.set("to", stanza.get("from", ""))
     if stanza.tag == IQ and len(stanza):
         reply.append(stanza[0])
-    error = ET.SubElement(reply, ns.tag(ns.CLIENT, "error"), {"type": error.error_type})
-    ET.SubElement(error, ns.tag(ns.STANZAS, error.condition.element_name))
+    element = ET.SubElement(reply, ns.tag(ns.CLIENT, "error"), {"type": error.error_type})
+    ET.SubElement(element, ns.tag(ns.STANZAS, error.condition.element_name))
     if error.text:
-        ET.SubElement(error, ns.tag(ns.STANZAS, "text")).text = error.text
+        ET.SubElement(element, ns.tag(ns.STANZAS, "text")).text = error.text
     return reply
 
 
-def iq_result(request: ET.Element, child: ET.Element | None = None, *, sender: str = "") -> ET.Element:
+def iq_result(
+    request: ET.Element, child: ET.Element | None = None, *, sender: str = ""
+) -> ET.Element:
     attrs = {"type": "result", "id": request.get("id", "")}
     if request.get("from"):
         attrs["to"] = request.get("from", "")

@@ -99,7 +99,9 @@ class Node:
             asyncio.create_task(self._sweep_forever()),
             asyncio.create_task(self._trim_forever()),
         ]
-        log.info("node %s serving %s on port %d", config.node.name, config.node.domain, self.c2s.port)
+        log.info(
+            "node %s serving %s on port %d", config.node.name, config.node.domain, self.c2s.port
+        )
 
     async def _sweep_forever(self) -> None:
         assert self.manager is not None
