@@ -9,6 +9,7 @@ after a warm-up and once with the N connections held.
     python bench/bench_tls_idle.py                       # 2,000 conns, TLS 1.3, StreamConnection
     python bench/bench_tls_idle.py --transport stock     # asyncio's own TLS transport, for contrast
     python bench/bench_tls_idle.py --connections 5000 --tls 1.2
+    python bench/bench_tls_idle.py --payload 262144     # idle after a burst of traffic
 """
 
 from __future__ import annotations
@@ -126,13 +127,15 @@ async def _serve(args: argparse.Namespace) -> None:
 
 
 class _Client:
-    __slots__ = ("conn", "context", "plain", "done")
+    __slots__ = ("conn", "context", "plain", "done", "payload", "echoed")
 
-    def __init__(self, context: ssl.SSLContext, done: asyncio.Future[None]) -> None:
+    def __init__(self, context: ssl.SSLContext, done: asyncio.Future[None], payload: int) -> None:
         self.context = context
         self.conn: StreamConnection | None = None
         self.plain = b""
         self.done = done
+        self.payload = payload
+        self.echoed = 0
 
     def connection_made(self, conn: StreamConnection) -> None:
         self.conn = conn
@@ -142,7 +145,8 @@ class _Client:
         conn = self.conn
         assert conn is not None
         if conn.tls_started:
-            if data == PING and not self.done.done():
+            self.echoed += len(data)
+            if self.echoed >= self.payload + len(PING) and not self.done.done():
                 self.done.set_result(None)
             return
         self.plain += data
@@ -156,6 +160,8 @@ class _Client:
 
     def tls_established(self) -> None:
         assert self.conn is not None
+        if self.payload:
+            self.conn.write(b"x" * self.payload)
         self.conn.write(PING)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -163,22 +169,23 @@ class _Client:
             self.done.set_exception(exc or ConnectionError("closed"))
 
 
-async def _open_stream(port: int, context: ssl.SSLContext) -> Any:
+async def _open_stream(port: int, context: ssl.SSLContext, payload: int) -> Any:
     loop = asyncio.get_running_loop()
     done: asyncio.Future[None] = loop.create_future()
     transport, _ = await loop.create_connection(
-        lambda: StreamConnection(lambda: _Client(context, done)), "127.0.0.1", port
+        lambda: StreamConnection(lambda: _Client(context, done, payload)), "127.0.0.1", port
     )
     await asyncio.wait_for(done, 30)
     return transport
 
 
-async def _open_stock(port: int, context: ssl.SSLContext) -> Any:
+async def _open_stock(port: int, context: ssl.SSLContext, payload: int) -> Any:
     reader, writer = await asyncio.open_connection(
         "127.0.0.1", port, ssl=context, server_hostname="localhost"
     )
-    writer.write(PING)
-    assert await asyncio.wait_for(reader.readexactly(len(PING)), 30) == PING
+    writer.write(b"x" * payload + PING)
+    echoed = await asyncio.wait_for(reader.readexactly(payload + len(PING)), 30)
+    assert echoed.endswith(PING)
     return writer
 
 
@@ -226,7 +233,7 @@ async def _drive(args: argparse.Namespace) -> dict[str, Any]:
                 return _vm_rss_kib(server.pid), cpu
 
             rss_start, _ = await measure()
-            warm = [await opener(port, client_ctx) for _ in range(WARMUP_CONNECTIONS)]
+            warm = [await opener(port, client_ctx, args.payload) for _ in range(WARMUP_CONNECTIONS)]
             for transport in warm:
                 transport.close()
             await asyncio.sleep(0.5)
@@ -237,7 +244,7 @@ async def _drive(args: argparse.Namespace) -> dict[str, Any]:
 
             async def one() -> None:
                 async with semaphore:
-                    held.append(await opener(port, client_ctx))
+                    held.append(await opener(port, client_ctx, args.payload))
 
             started = time.perf_counter()
             await asyncio.gather(*(one() for _ in range(args.connections)))
@@ -258,6 +265,7 @@ async def _drive(args: argparse.Namespace) -> dict[str, Any]:
         "transport": args.transport,
         "tls": "TLSv1.3" if args.tls == "1.3" else "TLSv1.2",
         "connections": args.connections,
+        "payload_echoed_bytes": args.payload,
         "rss_start_kib": rss_start,
         "rss_before_kib": rss_before,
         "rss_after_kib": rss_after,
@@ -277,6 +285,9 @@ def main() -> None:
     parser.add_argument("--connections", type=int, default=2000)
     parser.add_argument("--parallel", type=int, default=100, help="handshakes in flight")
     parser.add_argument("--settle", type=float, default=1.0, help="seconds idle before measuring")
+    parser.add_argument(
+        "--payload", type=int, default=0, help="bytes each connection echoes before idling"
+    )
     parser.add_argument("--transport", choices=["stream", "stock"], default="stream")
     parser.add_argument("--tls", choices=["1.3", "1.2"], default="1.3")
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)

@@ -189,9 +189,10 @@ class SessionManager:
             if not record.sessions:
                 self._drop_record_if_empty(record)
             raise StanzaError(StanzaCondition.RESOURCE_CONSTRAINT, "too many resources")
+        record.sessions[jid.resource] = session  # taken first, so the record stays alive
+        session.listed = True
         if previous is not None:
             previous.replaced_by_conflict()
-        record.sessions[jid.resource] = session
         for listener in self.hooks.session_bound:
             listener(session)
         return record
@@ -203,6 +204,8 @@ class SessionManager:
             return
         if record.sessions.get(session.jid.resource) is session:
             del record.sessions[session.jid.resource]
+        if session.listed:
+            session.listed = False
             for listener in self.hooks.session_closed:
                 listener(session)
         self._drop_record_if_empty(record)

@@ -78,6 +78,7 @@ class ClientSession:
         self.roster_requested = False
         self.carbons = False
         self.resume_token = ""
+        self.listed = False  # in the manager's registry, bind announced to hooks
         self.hibernated_until: float | None = None
         self.attributes: dict[str, object] = {}  # per-session data of plug-ins
         self._scram: ScramServer | None = None
@@ -120,15 +121,27 @@ class ClientSession:
         if data:
             self.transport.write(data)
         if self.stream.closed and not self._closed:
+            self._forget_resumption()  # a closed stream ends the session; only a lost one waits
             self.transport.close()
+
+    def _forget_resumption(self) -> None:
+        if self.resume_token:
+            if self.manager.resumable.get(self.resume_token) is self:
+                del self.manager.resumable[self.resume_token]
+            self.resume_token = ""
 
     def send(self, stanza: ET.Element) -> None:
         """Deliver one stanza to this client (or keep it for resumption if hibernated)."""
         if self.hibernated_until is not None:
             assert self.stream.sm is not None
             self.stream.sm.track_outbound(stanza)
+            if self.stream.sm.overflowed:
+                self._forget_resumption()
+                self.expire_hibernation()
             return
         self.stream.send_stanza(stanza)
+        if self.stream.sm is not None and self.stream.sm.overflowed:
+            self.stream.fail(StreamCondition.POLICY_VIOLATION, "too many unacknowledged stanzas")
         self.flush()
 
     def close_stream(self, condition: StreamCondition | None = None, text: str = "") -> None:
@@ -141,11 +154,10 @@ class ClientSession:
     def replaced_by_conflict(self) -> None:
         """A newer bind took this full JID: this session ends, its presence goes."""
         self.manager.unbind(self)
+        self._forget_resumption()
         if self.hibernated_until is not None:
-            self.manager.resumable.pop(self.resume_token, None)
-            self.manager.spawn(self._terminate())
+            self.expire_hibernation()
             return
-        self.resume_token = ""  # not resumable: the resource now belongs to another session
         self.close_stream(StreamCondition.CONFLICT, "replaced by a new session")
 
     # --- event processing ---------------------------------------------------
@@ -348,11 +360,12 @@ class ClientSession:
         except StanzaError as error:
             self.stream.bind_failed(event.iq_id, error.condition.element_name, error.error_type)
             return
-        if self._closed:
-            self.manager.unbind(self)
-            return
         self.jid = jid
         self.record = record
+        if self._closed:  # the connection went while the roster loaded
+            self.manager.unbind(self)
+            self.record = None
+            return
         self.stream.bind_succeeded(event.iq_id, jid)
 
     def _enable_sm(self, resume: bool) -> None:
@@ -384,12 +397,14 @@ class ClientSession:
             self.stream.sm_failed("unexpected-request")
             self.manager.spawn(old._terminate())
             return
-        self._adopt(old)
-        for stanza in self.stream.resumed(old.jid, sm, event.previd):
+        self._adopt(old, event.previd)
+        assert self.jid is not None
+        for stanza in self.stream.resumed(self.jid, sm, event.previd):
             self.stream.send_raw(serialize(stanza))
         self.flush()
 
-    def _adopt(self, old: ClientSession) -> None:
+    def _adopt(self, old: ClientSession, resume_token: str) -> None:
+        """Take over a session being resumed; the client keeps its resumption id."""
         assert old.jid is not None and old.record is not None
         self.jid = old.jid
         self.record = old.record
@@ -400,8 +415,9 @@ class ClientSession:
         self.roster_requested = old.roster_requested
         self.carbons = old.carbons
         self.attributes = old.attributes
-        self.resume_token = self.manager.new_token(18)
-        self.manager.resumable[self.resume_token] = self
+        self.listed, old.listed = old.listed, False
+        self.resume_token = resume_token
+        self.manager.resumable[resume_token] = self
         if old.record.sessions.get(old.jid.resource) is old:
             old.record.sessions[old.jid.resource] = self
         old.record = None
@@ -418,7 +434,8 @@ class ClientSession:
             return
         if self.ping_sent_at is not None:
             if now - self.ping_sent_at > limits.ping_timeout:
-                self.close_stream(StreamCondition.CONNECTION_TIMEOUT, "no answer to ping")
+                # presumed dead, not closed: a resumable session may still come back
+                log.info("%s did not answer a ping: dropping the connection", self.jid)
                 self.transport.close()
         elif now - self.last_received > limits.idle_timeout:
             self.ping_sent_at = now

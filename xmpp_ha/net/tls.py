@@ -50,6 +50,7 @@ READ_BUFFER_SIZE = 64 * 1024
 # Largest socket read and largest plaintext slice encrypted at once while TLS
 # is on: one full TLS record.
 TLS_READ_SIZE = 16 * 1024
+TLS_WRITE_SIZE = 4 * 1024
 
 StrPath = str | Path
 
@@ -426,17 +427,21 @@ class StreamConnection(asyncio.BufferedProtocol):
             self._handler.data_received(bytes(buffer[:count]))
 
     def _encrypt(self, data: bytes) -> None:
+        ssl_object, outgoing, transport = self._ssl, self._outgoing, self._transport
+        if ssl_object is None or outgoing is None or transport is None:
+            return
         view = memoryview(data)
-        for start in range(0, len(view), TLS_READ_SIZE):
-            ssl_object = self._ssl
-            if ssl_object is None or self._mode is not _Mode.ESTABLISHED:
-                return
+        records: list[bytes] = []
+        # Small slices keep the outgoing BIO small (it never shrinks); the
+        # records are joined so a large write is still one send().
+        for start in range(0, len(view), TLS_WRITE_SIZE):
             try:
-                ssl_object.write(view[start : start + TLS_READ_SIZE])
+                ssl_object.write(view[start : start + TLS_WRITE_SIZE])
             except OSError as exc:
                 self._fail(exc)
                 return
-            self._flush()
+            records.append(outgoing.read())
+        transport.write(records[0] if len(records) == 1 else b"".join(records))
 
     def _flush(self) -> None:
         outgoing = self._outgoing
