@@ -9,6 +9,7 @@ characters and whitespace, and folds case with `str.casefold()`.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 _FORBIDDEN_LOCAL = frozenset("\"&'/:<>@")
 _MAX_PART = 1023
@@ -56,6 +57,10 @@ class JID:
 
     @classmethod
     def parse(cls, text: str) -> JID:
+        return _parse_cached(text)
+
+    @classmethod
+    def _parse(cls, text: str) -> JID:
         bare, slash, resource = text.partition("/")
         if slash and not resource:
             raise InvalidJID("empty resourcepart")
@@ -90,3 +95,9 @@ class JID:
     def __str__(self) -> str:
         text = f"{self.local}@{self.domain}" if self.local else self.domain
         return f"{text}/{self.resource}" if self.resource else text
+
+
+@lru_cache(maxsize=65536)
+def _parse_cached(text: str) -> JID:
+    """Every stanza carries two JIDs; the same few thousand recur, so parse each once."""
+    return JID._parse(text)
