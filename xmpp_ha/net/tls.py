@@ -1,20 +1,21 @@
 """A stream transport that does TLS itself, so an idle TLS session stays small.
 
 asyncio's stock TLS transport keeps a 256 KiB buffer per connection. This
-protocol instead reads every socket into one buffer shared by the process (one
-per thread that runs an event loop) and runs TLS with `SSLContext.wrap_bio`
-over two `MemoryBIO`s, so an idle connection holds only OpenSSL's own state.
+protocol instead reads every socket into one buffer shared by the process (and
+decrypts into a second one; one pair per thread that runs an event loop) and
+runs TLS with `SSLContext.wrap_bio` over two `MemoryBIO`s, so an idle
+connection holds only OpenSSL's own state and two small BIOs.
 
 Rules and invariants:
 - A connection starts in plaintext. `start_tls()` switches in-band
   (STARTTLS): what was written before the call went out in plaintext; every
   byte received after it is a TLS record.
-- The shared read buffer never outlives a callback: ciphertext is copied into
-  the incoming BIO and plaintext is copied out (`bytes`) before the handler
-  sees it, so nested calls can reuse the buffer.
-- Reads are capped at `TLS_READ_SIZE` while TLS is on, and writes are
-  encrypted in slices of the same size: OpenSSL's memory BIOs never give back
-  capacity, so this bounds what a once-busy connection keeps.
+- The shared buffers never outlive a callback: plaintext is copied out
+  (`bytes`) before the handler sees it, and ciphertext left over by a pause
+  is copied to `_backlog`, so the next read (or a nested call) can reuse them.
+- OpenSSL's memory BIOs never give back capacity, so ciphertext enters the
+  incoming BIO and plaintext is encrypted in small slices (`TLS_FEED_SIZE`,
+  `TLS_WRITE_SIZE`); the records of one write still leave in one send().
 - After every SSL operation the outgoing BIO is flushed (TLS 1.3 sends
   session tickets after the handshake, alerts on failure, close_notify).
 - Failures (handshake or record errors, resets) never raise into the event
@@ -38,18 +39,21 @@ from typing import Any, ClassVar
 
 __all__ = [
     "READ_BUFFER_SIZE",
-    "TLS_READ_SIZE",
+    "TLS_FEED_SIZE",
+    "TLS_WRITE_SIZE",
     "StreamConnection",
     "StreamHandler",
     "client_context",
     "server_context",
 ]
 
-# One buffer for every plaintext read in the process (per loop thread).
+# Shared buffers (one pair per loop thread): socket reads land in one, and
+# TLS decrypts into the other.
 READ_BUFFER_SIZE = 64 * 1024
-# Largest socket read and largest plaintext slice encrypted at once while TLS
-# is on: one full TLS record.
-TLS_READ_SIZE = 16 * 1024
+# Ciphertext is fed into the incoming BIO, and plaintext encrypted, in slices
+# of this size: OpenSSL's memory BIOs never give capacity back, so this bounds
+# what a once-busy connection keeps (about 5 KiB per BIO).
+TLS_FEED_SIZE = 4 * 1024
 TLS_WRITE_SIZE = 4 * 1024
 
 StrPath = str | Path
@@ -77,17 +81,17 @@ class _Mode(enum.Enum):
 
 
 class _ReadBuffers:
-    """The shared read buffer, one per thread (one event loop per thread).
+    """The shared buffers, one pair per thread (one event loop per thread).
 
     A dict keyed by thread id rather than one global: two loops in two threads
     sharing one buffer would corrupt each other's reads.
     """
 
-    __slots__ = ("full", "tls")
+    __slots__ = ("socket", "plain")
 
     def __init__(self) -> None:
-        self.full = memoryview(bytearray(READ_BUFFER_SIZE))
-        self.tls = self.full[:TLS_READ_SIZE]
+        self.socket = memoryview(bytearray(READ_BUFFER_SIZE))  # recv_into target
+        self.plain = memoryview(bytearray(READ_BUFFER_SIZE))  # SSLObject.read target
 
 
 class StreamConnection(asyncio.BufferedProtocol):
@@ -109,6 +113,7 @@ class StreamConnection(asyncio.BufferedProtocol):
         "_incoming",
         "_outgoing",
         "_pending_writes",
+        "_backlog",
         "_error",
         "_write_paused",
         "_reading_paused",
@@ -126,6 +131,9 @@ class StreamConnection(asyncio.BufferedProtocol):
         self._outgoing: ssl.MemoryBIO | None = None
         # Writes made between start_tls() and the end of the handshake.
         self._pending_writes: list[bytes] | None = None
+        # Ciphertext read but not yet fed into TLS when the handler paused.
+        # Kept here, not in the BIO, so it is freed once consumed.
+        self._backlog: bytes | None = None
         self._error: Exception | None = None
         self._write_paused = False
         self._reading_paused = False
@@ -230,9 +238,7 @@ class StreamConnection(asyncio.BufferedProtocol):
         self._incoming = incoming
         self._outgoing = outgoing
         self._mode = _Mode.HANDSHAKING
-        if initial_data:
-            incoming.write(initial_data)
-        self._process_tls()
+        self._tls_input(memoryview(initial_data) if initial_data else None)
 
     def close(self) -> None:
         """Send close_notify if TLS is up, flush what is buffered, then close."""
@@ -283,7 +289,7 @@ class StreamConnection(asyncio.BufferedProtocol):
         if self._mode is _Mode.ESTABLISHED:
             # Records may wait in the BIO from before the pause. Deferred so the
             # caller is not re-entered from inside resume_reading().
-            asyncio.get_running_loop().call_soon(self._resume_tls_input)
+            asyncio.get_running_loop().call_soon(self._tls_input, None)
 
     # ----------------------------------------------- asyncio.BufferedProtocol
 
@@ -306,22 +312,24 @@ class StreamConnection(asyncio.BufferedProtocol):
             raise
 
     def get_buffer(self, sizehint: int) -> memoryview:
-        buffers = self._read_buffers()
-        return buffers.full if self._mode is _Mode.PLAIN else buffers.tls
+        return self._read_buffers().socket
 
     def buffer_updated(self, nbytes: int) -> None:
         if self._handler is None:
             return
+        data = self._read_buffers().socket[:nbytes]
         if self._mode is _Mode.PLAIN:
-            self._handler.data_received(bytes(self._read_buffers().full[:nbytes]))
-        elif self._incoming is not None:
-            self._incoming.write(self._read_buffers().tls[:nbytes])
-            self._process_tls()
+            self._handler.data_received(bytes(data))
+        elif self._mode is not _Mode.CLOSED:
+            self._tls_input(data)
 
     def eof_received(self) -> bool | None:
         if self._incoming is not None and self._mode is not _Mode.CLOSED:
+            backlog, self._backlog = self._backlog, None
+            if backlog:
+                self._incoming.write(backlog)
             self._incoming.write_eof()
-            self._process_tls()
+            self._tls_input(None)
         return False  # the transport closes itself
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -357,66 +365,80 @@ class StreamConnection(asyncio.BufferedProtocol):
             buffers = cls._buffers[thread_id] = _ReadBuffers()
         return buffers
 
-    def _process_tls(self) -> None:
-        """Advance the handshake, then decrypt and deliver what the BIO holds."""
-        ssl_object = self._ssl
-        if ssl_object is None or self._handler is None:
-            return
-        if self._mode is _Mode.HANDSHAKING:
-            try:
-                ssl_object.do_handshake()
-            except ssl.SSLWantReadError:
-                self._flush()
-                return
-            except OSError as exc:
-                self._fail(exc)
-                return
-            self._mode = _Mode.ESTABLISHED
-            self._flush()  # Finished, and TLS 1.3 session tickets on the server
-            pending, self._pending_writes = self._pending_writes, None
-            for data in pending or ():
-                self._encrypt(data)
-            self._handler.tls_established()
-        self._read_application_data()
+    def _tls_input(self, data: memoryview | None) -> None:
+        """Feed ciphertext into TLS, advance the handshake, deliver plaintext.
 
-    def _resume_tls_input(self) -> None:
-        if self._mode is _Mode.ESTABLISHED and not self._reading_paused:
-            self._read_application_data()
-
-    def _read_application_data(self) -> None:
-        buffer = self._read_buffers().full
-        size = len(buffer)
+        `data` None: nothing new (start_tls without data, EOF, resume). The
+        plaintext of one call is delivered in as few `data_received` calls as
+        the shared buffer allows.
+        """
+        if self._backlog is not None:
+            backlog, self._backlog = self._backlog, None
+            data = memoryview(backlog if data is None else backlog + data)
+        plain = self._read_buffers().plain
+        size = len(plain)
         filled = 0
+        position = 0
+        total = 0 if data is None else len(data)
         peer_closed = False
         error: Exception | None = None
-        while self._mode is _Mode.ESTABLISHED and not self._reading_paused:
-            ssl_object = self._ssl
-            assert ssl_object is not None
-            try:
-                # With a buffer, read() returns a count (typeshed says bytes).
-                count = typing.cast(int, ssl_object.read(size - filled, buffer[filled:]))
-            except ssl.SSLWantReadError:
+        while True:
+            ssl_object, incoming = self._ssl, self._incoming
+            if ssl_object is None or incoming is None:
+                return  # closed meanwhile; what was decrypted is dropped
+            if data is not None and position < total:
+                if self._reading_paused and self._mode is _Mode.ESTABLISHED:
+                    # The shared buffer is reused by the next read: keep a copy.
+                    self._backlog = bytes(data[position:])
+                    position = total
+                else:
+                    incoming.write(data[position : position + TLS_FEED_SIZE])
+                    position += TLS_FEED_SIZE
+            if self._mode is _Mode.HANDSHAKING:
+                try:
+                    ssl_object.do_handshake()
+                except ssl.SSLWantReadError:
+                    self._flush()
+                    if position < total:
+                        continue
+                    return
+                except OSError as exc:
+                    self._fail(exc)
+                    return
+                self._mode = _Mode.ESTABLISHED
+                self._flush()  # Finished, and TLS 1.3 session tickets on the server
+                pending, self._pending_writes = self._pending_writes, None
+                for chunk in pending or ():
+                    self._encrypt(chunk)
+                if self._handler is not None:
+                    self._handler.tls_established()
+                continue  # re-check: the handler may have closed or paused
+            while self._mode is _Mode.ESTABLISHED and not self._reading_paused:
+                try:
+                    # With a buffer, read() returns a count (typeshed says bytes).
+                    count = typing.cast(int, ssl_object.read(size - filled, plain[filled:]))
+                except ssl.SSLWantReadError:
+                    break
+                except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+                    # close_notify, or TCP EOF without it: XMPP has its own end marker.
+                    peer_closed = True
+                    break
+                except OSError as exc:
+                    error = exc
+                    break
+                if count == 0:
+                    peer_closed = True
+                    break
+                filled += count
+                if filled == size:
+                    self._flush()
+                    self._deliver(plain, filled)
+                    filled = 0
+            self._flush()  # post-handshake messages (key updates)
+            if peer_closed or error is not None or position >= total:
                 break
-            except ssl.SSLZeroReturnError:
-                peer_closed = True  # close_notify
-                break
-            except ssl.SSLEOFError:
-                peer_closed = True  # TCP EOF without close_notify; XMPP has its own end
-                break
-            except OSError as exc:
-                error = exc
-                break
-            if count == 0:
-                peer_closed = True
-                break
-            filled += count
-            if filled == size:
-                self._flush()
-                self._deliver(buffer, filled)
-                filled = 0
-        self._flush()
         if filled:
-            self._deliver(buffer, filled)
+            self._deliver(plain, filled)
         if error is not None:
             self._fail(error)
         elif peer_closed:
@@ -424,6 +446,7 @@ class StreamConnection(asyncio.BufferedProtocol):
 
     def _deliver(self, buffer: memoryview, count: int) -> None:
         if self._handler is not None and self._mode is _Mode.ESTABLISHED:
+            # Copied before the call: a nested call may reuse the shared buffer.
             self._handler.data_received(bytes(buffer[:count]))
 
     def _encrypt(self, data: bytes) -> None:
@@ -465,6 +488,7 @@ class StreamConnection(asyncio.BufferedProtocol):
         self._incoming = None
         self._outgoing = None
         self._pending_writes = None
+        self._backlog = None
 
 
 def server_context(
