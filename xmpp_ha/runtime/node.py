@@ -15,7 +15,7 @@ import secrets
 import signal
 from pathlib import Path
 
-from xmpp_ha.config import NodeConfig
+from xmpp_ha.config import NodeConfig, ensure_default_certs
 from xmpp_ha.core.clock import MonotonicClock
 from xmpp_ha.im.hooks import Hooks
 from xmpp_ha.im.manager import Limits, SessionManager
@@ -50,11 +50,8 @@ def limits_of(config: NodeConfig) -> Limits:
 
 def prepare_embedded(config: NodeConfig) -> None:
     """Create the data directory and the certificates the embedded default uses."""
-    from xmpp_ha.certs import ensure_node_cert
-
     config.node.data_dir.mkdir(parents=True, exist_ok=True)
-    if not (config.tls.cert_file.exists() and config.tls.key_file.exists()):
-        ensure_node_cert(config.tls.cert_file.parent, config.node.name)
+    ensure_default_certs(config)
 
 
 def _malloc_trim() -> None:
