@@ -79,34 +79,17 @@ def test_each_part_holds_at_most_1023_bytes(part: str) -> None:
         JID.parse(jid(512, "\u00e9"))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="jid.py _prep_local()/_prep_domain(): the 1023-byte limit is checked before "
-    "casefold(), which can grow the text (U+0149 -> U+02BC 'n'), so a parsed JID can "
-    "hold a 1200-byte localpart that JID.parse(str(jid)) then refuses",
-)
 def test_the_byte_limit_holds_after_case_folding() -> None:
-    jid = JID.parse("\u0149" * 400 + "@example.com")  # 800 bytes as sent
-    assert len(jid.local.encode()) <= 1023
+    with pytest.raises(InvalidJID, match="longer than 1023"):
+        JID.parse("\u0149" * 400 + "@example.com")  # 800 bytes as sent, 1200 folded
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="jid.py _check_part(): only C0 controls and DEL are refused; C1 controls "
-    "(U+0080-U+009F, except NEL which isspace() catches) pass, though the module "
-    "says it refuses control characters and RFC 7622 (PRECIS) disallows them",
-)
 @pytest.mark.parametrize("text", ["jul\x80iet@example.com", "juliet@example.com/bal\x9fcony"])
 def test_c1_control_characters_are_refused(text: str) -> None:
     with pytest.raises(InvalidJID):
         JID.parse(text)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="jid.py _prep_domain(): refuses only whitespace, '@' and '/', so a domainpart "
-    "that is no hostname, IP literal or IDN (RFC 7622 §3.2) is accepted",
-)
 @pytest.mark.parametrize("domain", ["exa<mple.com", "example.com'", "a&b", 'x"y'])
 def test_domain_must_look_like_a_host(domain: str) -> None:
     with pytest.raises(InvalidJID):
@@ -171,7 +154,7 @@ def test_jids_are_immutable() -> None:
 LOCAL_CHARS = st.characters(
     blacklist_categories=("Cc", "Cs", "Zs", "Zl", "Zp"), blacklist_characters="\"&'/:<>@"
 )
-DOMAIN_LABEL = st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789-", min_size=1, max_size=20)
+DOMAIN_LABEL = st.from_regex(r"[a-z0-9]([a-z0-9-]{0,18}[a-z0-9])?", fullmatch=True)
 DOMAINS = st.lists(DOMAIN_LABEL, min_size=1, max_size=4).map(".".join)
 RESOURCES = st.text(st.characters(blacklist_categories=("Cc", "Cs")), min_size=1, max_size=40)
 

@@ -846,11 +846,6 @@ def test_enable_twice_fails_without_ending_the_stream() -> None:
     assert not talk.stream.closed
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="stream.py _TRANSITIONS has no (BIND, enable) row: <enable/> before bind is an "
-    "unsupported-stanza-type stream error, XEP-0198 §3 wants <failed/>",
-)
 def test_enable_before_bind_fails_without_ending_the_stream() -> None:
     talk = binding()
     assert talk.client(ENABLE) == []

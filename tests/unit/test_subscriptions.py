@@ -130,13 +130,8 @@ A_3_4_UNSUBSCRIBED: list[Row] = [
 ]
 
 # Rows where the module differs from the RFC, with the reason the case is xfail.
-DEVIATIONS: dict[tuple[str, str, str], str] = {
-    ("inbound", "subscribe", name): (
-        "subscriptions.py inbound(): a repeated subscribe while one is pending in is "
-        "delivered again (route=True); RFC 6121 A.3.1 says deliver: no"
-    )
-    for name in ("None + Pending In", "None + Pending Out/In", "To + Pending In")
-}
+DEVIATIONS: dict[tuple[str, str, str], str] = {}
+
 
 Handler = Callable[[str, str, RosterItem | None, bool], Outcome]
 

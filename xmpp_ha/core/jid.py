@@ -8,6 +8,8 @@ characters and whitespace, and folds case with `str.casefold()`.
 
 from __future__ import annotations
 
+import ipaddress
+import unicodedata
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -19,34 +21,41 @@ class InvalidJID(ValueError):
     pass
 
 
-def _check_part(part: str, what: str) -> None:
+def _check_part(part: str, what: str) -> str:
+    """Checks the prepared text (after case folding, which can lengthen it)."""
     if not part:
         raise InvalidJID(f"empty {what}")
     if len(part.encode("utf-8")) > _MAX_PART:
         raise InvalidJID(f"{what} longer than {_MAX_PART} bytes")
-    for char in part:
-        if ord(char) < 0x20 or ord(char) == 0x7F:
-            raise InvalidJID(f"control character in {what}")
+    if any(unicodedata.category(char) == "Cc" for char in part):
+        raise InvalidJID(f"control character in {what}")
+    return part
 
 
 def _prep_local(local: str) -> str:
-    _check_part(local, "localpart")
     if any(c in _FORBIDDEN_LOCAL or c.isspace() for c in local):
         raise InvalidJID("forbidden character in localpart")
-    return local.casefold()
+    return _check_part(local.casefold(), "localpart")
 
 
 def _prep_domain(domain: str) -> str:
     domain = domain.rstrip(".")
-    _check_part(domain, "domainpart")
-    if any(c.isspace() or c in "@/" for c in domain):
-        raise InvalidJID("forbidden character in domainpart")
-    return domain.casefold()
+    if domain.startswith("[") and domain.endswith("]"):  # IPv6 literal
+        try:
+            return str(ipaddress.IPv6Address(domain[1:-1])).join("[]")
+        except ValueError as exc:
+            raise InvalidJID("bad IPv6 literal in domainpart") from exc
+    labels = domain.casefold().split(".")
+    for label in labels:
+        if not label or label.startswith("-") or label.endswith("-"):
+            raise InvalidJID("domainpart is no host name")
+        if any(c.isascii() and not (c.isalnum() or c == "-") for c in label):
+            raise InvalidJID("forbidden character in domainpart")
+    return _check_part(".".join(labels), "domainpart")
 
 
 def _prep_resource(resource: str) -> str:
-    _check_part(resource, "resourcepart")
-    return resource
+    return _check_part(resource, "resourcepart")
 
 
 @dataclass(frozen=True, slots=True)

@@ -88,7 +88,9 @@ def inbound(kind: str, contact: str, item: RosterItem | None, pending_in: bool) 
         if current.approved:
             changed = replace(current, subscription=_ADD_FROM[sub], approved=False)
             return Outcome(item=changed, auto_reply="subscribed")
-        return Outcome(route=True, store_pending=not pending_in)
+        if pending_in:
+            return Outcome()  # RFC 6121 A.3.1: a repeated request is not delivered again
+        return Outcome(route=True, store_pending=True)
     if kind == "subscribed":
         if current.ask and sub in ("none", "from"):
             changed = replace(current, subscription=_ADD_TO[sub], ask=False)

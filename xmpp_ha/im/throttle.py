@@ -31,7 +31,10 @@ class AuthThrottle:
         self._failures[address] = (count, now)
         while len(self._failures) > self.max_entries:
             self._failures.popitem(last=False)
-        return min(self.cap, self.base * 2 ** (count - 1)) if self.base > 0 else 0.0
+        if self.base <= 0:
+            return 0.0
+        doublings = min(count - 1, 64)  # past the cap long before; keeps the float finite
+        return min(self.cap, self.base * 2.0**doublings)
 
     def succeeded(self, address: str) -> None:
         self._failures.pop(address, None)

@@ -436,6 +436,9 @@ class C2SStream:
         resume = element.get("resume", "false") in ("true", "1")
         events.append(SMEnableRequested(resume))
 
+    def _sm_too_early(self, element: ET.Element, events: list[StreamEvent]) -> None:
+        self.sm_failed("unexpected-request")  # XEP-0198 §3: enable only after binding
+
     def _sm_resume(self, element: ET.Element, events: list[StreamEvent]) -> None:
         try:
             handled = int(element.get("h", ""))
@@ -480,6 +483,7 @@ _TRANSITIONS: dict[tuple[Phase, str], _Handler] = {
     (Phase.SASL, _ABORT): C2SStream._abort,
     (Phase.BIND, _IQ): C2SStream._bind_iq,
     (Phase.BIND, _SM_RESUME): C2SStream._sm_resume,
+    (Phase.BIND, _SM_ENABLE): C2SStream._sm_too_early,
     (Phase.ESTABLISHED, _IQ): C2SStream._bound_bind,
     (Phase.ESTABLISHED, _SM_ENABLE): C2SStream._sm_enable,
     (Phase.ESTABLISHED, _SM_R): C2SStream._sm_request,
