@@ -32,6 +32,7 @@ from typing import Any, ClassVar, NoReturn
 __all__ = [
     "C2SSection",
     "ConfigError",
+    "HASection",
     "LimitsSection",
     "NodeConfig",
     "NodeSection",
@@ -288,6 +289,29 @@ class LimitsSection(_Section):
         self._positive("offline_messages_per_user", "max_resources_per_user")
 
 
+@dataclass(frozen=True)
+class HASection(_Section):
+    """Membership of a presence redundancy group (SPEC §1, §4)."""
+
+    SECTION: ClassVar[str] = "ha"
+
+    enabled: bool = False  # run the SRM, the peer link and the admin API
+    advertise_host: str = "127.0.0.1"  # where clients and the peer reach this node
+    service_port: int = 22001  # the peer link (SRM heartbeats); 0 picks a free port
+    admin_host: str = "127.0.0.1"  # admin RPC listen address
+    admin_port: int = 20075  # admin RPC port; 0 picks a free port
+    admin_token_file: Path | None = None  # default <data_dir>/admin-token
+
+    def _validate(self) -> None:
+        for key in ("service_port", "admin_port"):
+            value = getattr(self, key)
+            if not 0 <= value <= 65535:
+                self._fail(key, f"must be in 0..65535, got {value}")
+        for key in ("advertise_host", "admin_host"):
+            if not getattr(self, key):
+                self._fail(key, "must not be empty")
+
+
 def _section_field(cls: type[_Section]) -> Any:
     return field(default_factory=cls)
 
@@ -301,6 +325,7 @@ class NodeConfig:
     tls: TlsSection
     c2s: C2SSection = _section_field(C2SSection)
     limits: LimitsSection = _section_field(LimitsSection)
+    ha: HASection = _section_field(HASection)
 
     def __post_init__(self) -> None:
         for item in dataclasses.fields(self):
@@ -314,6 +339,10 @@ class NodeConfig:
         """True when the TLS files are the generated defaults under data_dir."""
         tls = self.tls
         return (tls.cert_file, tls.key_file, tls.ca_file) == _default_tls_files(self.node)
+
+    @property
+    def admin_token_file(self) -> Path:
+        return self.ha.admin_token_file or self.node.data_dir / "admin-token"
 
 
 @functools.cache

@@ -35,6 +35,8 @@ class Hooks:
     login_redirect: LoginGuard | None = None
     # asked for a local-domain user with no session here: did another node take the stanza?
     route_remote: RemoteRouter | None = None
+    # asked before serving a bound session's input: False when this node is fenced
+    may_serve: Callable[[], bool] | None = None
 
     def add_iq_handler(self, iq_type: str, payload_tag: str, handler: IqHandler) -> None:
         key = (iq_type, payload_tag)

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from xmpp_ha.core.clock import Clock
-from xmpp_ha.core.errors import StanzaCondition, StanzaError
+from xmpp_ha.core.errors import StanzaCondition, StanzaError, StreamCondition
 from xmpp_ha.core.jid import JID
 from xmpp_ha.im.hooks import Hooks
 from xmpp_ha.im.throttle import AuthThrottle
@@ -50,6 +50,16 @@ class Limits:
     offline_messages_per_user: int = 1000
     max_resources_per_user: int = 10
     max_auth_failures_per_stream: int = 5
+
+
+@dataclass
+class ServiceSwitches:
+    """Parts of the session manager an administrator can stop (SPEC §3 critical services)."""
+
+    session_manager: bool = True  # binds sessions; stopped: sessions end, binds refused
+    router: bool = True  # routes stanzas between entities; stopped: they bounce
+    presence_engine: bool = True  # processes presence; stopped: presence bounces
+    authentication: bool = True  # runs SASL; stopped: temporary-auth-failure
 
 
 class UserRecord:
@@ -100,6 +110,7 @@ class SessionManager:
         self.new_token = new_token
         self.limits = limits or Limits()
         self.hooks = hooks or Hooks()
+        self.switches = ServiceSwitches()
         self.throttle = AuthThrottle(
             base=self.limits.auth_fail_delay, cap=self.limits.auth_fail_delay_max
         )
@@ -226,6 +237,10 @@ class SessionManager:
     def route(self, stanza: ET.Element, header: StanzaHeader) -> Awaitable[None] | None:
         """Send a stanza to any address: a local user, this server, or a refusal."""
         to = header.to
+        if not self.switches.router:
+            if header.type != "error":
+                return self.bounce(stanza, StanzaError(StanzaCondition.SERVICE_UNAVAILABLE))
+            return None
         if to is None or to.domain != self.domain:
             if header.type != "error":
                 return self.bounce(stanza, StanzaError(StanzaCondition.REMOTE_SERVER_NOT_FOUND))
@@ -289,11 +304,23 @@ class SessionManager:
                 del self.resumable[token]
                 session.expire_hibernation()
 
-    async def shutdown(self) -> None:
-        from xmpp_ha.core.errors import StreamCondition
-
+    def close_sessions(
+        self,
+        condition: StreamCondition,
+        text: str = "",
+        *,
+        only: Callable[[ClientSession], bool] | None = None,
+    ) -> int:
+        """End client streams (all, or those `only` selects); returns how many."""
+        closed = 0
         for session in list(self.connections):
-            session.close_stream(StreamCondition.SYSTEM_SHUTDOWN)
+            if only is None or only(session):
+                session.close_stream(condition, text)
+                closed += 1
+        return closed
+
+    async def shutdown(self) -> None:
+        self.close_sessions(StreamCondition.SYSTEM_SHUTDOWN)
         for session in list(self.resumable.values()):
             session.expire_hibernation()
         self.resumable.clear()

@@ -44,6 +44,8 @@ class PresenceService:
     def outbound(
         self, session: ClientSession, stanza: ET.Element, header: StanzaHeader
     ) -> Awaitable[None] | None:
+        if not self.manager.switches.presence_engine:
+            raise StanzaError(StanzaCondition.SERVICE_UNAVAILABLE, "presence engine stopped")
         if header.type in SUBSCRIPTION_TYPES:
             return self.manager.roster.outbound_subscription(session, stanza, header)
         if header.to is None:

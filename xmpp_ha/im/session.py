@@ -92,6 +92,11 @@ class ClientSession:
     # --- transport callbacks -----------------------------------------------
 
     def data_received(self, data: bytes) -> None:
+        may_serve = self.manager.hooks.may_serve
+        if self.jid is not None and may_serve is not None and not may_serve():
+            log.warning("fenced: dropping %s instead of serving it", self.jid)
+            self.transport.close()  # another node may serve this user now
+            return
         self.last_received = self.manager.clock.now()
         self.ping_sent_at = None
         events = self.stream.receive_data(data)
@@ -246,6 +251,9 @@ class ClientSession:
     # --- SASL ---------------------------------------------------------------
 
     def _sasl_start(self, event: stream.SaslStarted) -> Awaitable[None] | None:
+        if not self.manager.switches.authentication:
+            self.stream.sasl_failure("temporary-auth-failure", "authentication service stopped")
+            return None
         if event.mechanism == "PLAIN":
             return self._plain(event.initial_response or b"")
         self._scram = ScramServer(event.mechanism, self.manager.new_token(24))  # type: ignore[arg-type]
@@ -343,6 +351,9 @@ class ClientSession:
         return features
 
     async def _bind(self, event: stream.BindRequested) -> None:
+        if not self.manager.switches.session_manager:
+            self.stream.bind_failed(event.iq_id, "service-unavailable")
+            return
         redirect = self.manager.hooks.login_redirect
         if redirect is not None:
             other_host = await redirect(self.stream.username)

@@ -105,11 +105,11 @@ class C2SServer:
         self.connection_count = 0
         self.refused = 0
         self._server: asyncio.Server | None = None
+        self._bound_port = 0  # kept across stop/start, so a restarted listener is found again
 
     @property
     def port(self) -> int:
-        assert self._server is not None, "not listening"
-        return int(self._server.sockets[0].getsockname()[1])
+        return self._bound_port or self.requested_port
 
     @property
     def listening(self) -> bool:
@@ -117,13 +117,16 @@ class C2SServer:
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
+        if self.listening:
+            return
         self._server = await loop.create_server(
             lambda: StreamConnection(lambda: _Handler(self)),
             self.host,
-            self.requested_port,
+            self.port,
             backlog=LISTEN_BACKLOG,
             reuse_address=True,
         )
+        self._bound_port = int(self._server.sockets[0].getsockname()[1])
         log.info("c2s listening on %s:%d", self.host, self.port)
 
     async def stop(self) -> None:
