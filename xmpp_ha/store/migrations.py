@@ -75,8 +75,19 @@ STEPS: tuple[Migration, ...] = (
             schema.offline_messages,
         ),
     ),
-    # Later: HA assignment (home node, current node, fencing epoch), node leases,
-    # session registry, groups, parameters.
+    Migration(
+        2,
+        "redundancy groups: nodes, groups and failover records, cluster parameters,"
+        " user assignments (home, current node, fencing epoch), node leases",
+        _create_tables(
+            schema.nodes,
+            schema.groups,
+            schema.cluster_params,
+            schema.assignments,
+            schema.leases,
+        ),
+    ),
+    # Later: session registry.
 )
 CURRENT_SCHEMA_VERSION = STEPS[-1].version
 

@@ -19,6 +19,7 @@ from sqlalchemy import (
     CheckConstraint,
     Column,
     DateTime,
+    Float,
     ForeignKey,
     Index,
     Integer,
@@ -27,6 +28,7 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    false,
     func,
 )
 
@@ -130,3 +132,85 @@ USER_TABLES: tuple[tuple[Table, str], ...] = (
     (roster_versions, "owner"),
     (scram_credentials, "username"),
 )
+
+# --- schema version 2: the redundancy group (SPEC §1-§5, DESIGN §3-§4) ---------------
+# Written by `xmpp_ha.store.cluster.ClusterStore`. Nodes and groups are named
+# by the administrator; the checks on those names live in `xmpp_ha.ha.groups`.
+
+NODE_NAME_LENGTH = 128
+GROUP_NAME_LENGTH = 128
+
+nodes = Table(
+    "nodes",
+    metadata,
+    Column("name", String(NODE_NAME_LENGTH), primary_key=True),
+    Column("host", Text, nullable=False),  # where clients and the peer reach the node
+    Column("c2s_port", Integer, nullable=False),
+    Column("admin_port", Integer, nullable=False),
+    Column("service_port", Integer, nullable=False),
+    Column("software_version", String(64), nullable=False),
+    Column("relogin_lower", Float, nullable=False, server_default="120"),  # seconds
+    Column("relogin_upper", Float, nullable=False, server_default="537"),  # seconds
+    Column("registered_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+)
+
+
+def _node_column(name: str, *, nullable: bool) -> Column[str]:
+    return Column(name, String(NODE_NAME_LENGTH), ForeignKey("nodes.name"), nullable=nullable)
+
+
+# One row per group, holding its failover record (`xmpp_ha.ha.srm.GroupRecord`).
+groups = Table(
+    "groups",
+    metadata,
+    Column("name", String(GROUP_NAME_LENGTH), primary_key=True),
+    Column("description", String(128), nullable=False, default=""),
+    Column("ha_enabled", Boolean, nullable=False, server_default=false()),
+    _node_column("node1", nullable=False),
+    _node_column("node2", nullable=True),
+    Column("failed_over", String(NODE_NAME_LENGTH), nullable=True),  # whose users are on its peer
+    Column("failed_over_by_admin", Boolean, nullable=False, server_default=false()),
+    Column("failed_mode", Boolean, nullable=False, server_default=false()),
+    Column("transition", String(16), nullable=True),  # a user move started, not finished
+    Column("transition_node", String(NODE_NAME_LENGTH), nullable=True),  # who carries it out
+    Column("updated_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    CheckConstraint(
+        "transition IS NULL OR transition IN ('take-over', 'give-back', 'take-all')",
+        name="transition",
+    ),
+    CheckConstraint("node2 IS NULL OR node2 <> node1", name="distinct_nodes"),
+)
+
+# Cluster-wide settings: SRM parameters and the user assignment mode, one JSON value a key.
+cluster_params = Table(
+    "cluster_params",
+    metadata,
+    Column("key", String(64), primary_key=True),
+    Column("value", Text, nullable=False),
+)
+
+# Where each user lives. `epoch` grows on every change of `current_node`: the fencing token.
+assignments = Table(
+    "assignments",
+    metadata,
+    _user_column("username", primary_key=True),
+    Column("home_node", String(NODE_NAME_LENGTH), nullable=True),
+    Column("current_node", String(NODE_NAME_LENGTH), nullable=True),
+    Column("epoch", BigInteger, nullable=False, server_default="0"),
+    Index(None, "current_node"),
+    Index(None, "home_node"),
+)
+
+# A node's liveness witness: it bumps `counter` every heartbeat interval.
+leases = Table(
+    "leases",
+    metadata,
+    Column("node", String(NODE_NAME_LENGTH), primary_key=True),
+    Column("counter", BigInteger, nullable=False, server_default="0"),
+    Column("renewed_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+)
+
+CLUSTER_TABLES: tuple[Table, ...] = (nodes, groups, cluster_params, assignments, leases)
+
+# `SQLStore.delete_user` clears a user's assignment too (see the rules above).
+USER_TABLES = ((assignments, "username"), *USER_TABLES)
