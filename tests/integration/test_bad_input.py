@@ -771,12 +771,6 @@ async def test_flood_of_stanzas_is_processed_in_order(node_factory: Any) -> None
     await assert_healthy(node)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="server bug: stanzas routed to a session whose stream is already closed (here: "
-    "policy-violation for too many unacknowledged stanzas) are dropped silently by "
-    "C2SStream.send_stanza until connection_lost unbinds the session",
-)
 async def test_client_that_never_acks_is_cut_off_and_nothing_is_lost(node_factory: Any) -> None:
     node = await start_node(node_factory, limits={"offline_messages_per_user": 5000})
     bob = await logged_in(node.host, node.port, node.ca_file, "bob", PASSWORD, "lazy")

@@ -249,27 +249,36 @@ class SessionManager:
             return None  # server-generated replies to the server itself end here
         return self.deliver(stanza, header)
 
-    def deliver(self, stanza: ET.Element, header: StanzaHeader) -> Awaitable[None] | None:
+    def deliver(
+        self, stanza: ET.Element, header: StanzaHeader, *, may_forward: bool = True
+    ) -> Awaitable[None] | None:
         """Hand a stanza to the local user it is addressed to (header.to has a localpart)."""
         assert header.to is not None
         record = self.users.get(header.to.local)
         if record is None:
-            return self._deliver_absent(stanza, header)
+            return self._deliver_absent(stanza, header, may_forward=may_forward)
         if header.kind == "message":
             return self.messages.deliver_local(record, stanza, header)
         if header.kind == "presence":
             return self.presence.deliver_local(record, stanza, header)
         return self.iq.deliver_local(record, stanza, header)
 
-    async def _deliver_absent(self, stanza: ET.Element, header: StanzaHeader) -> None:
+    def deliver_here(self, stanza: ET.Element, header: StanzaHeader) -> Awaitable[None] | None:
+        """Deliver on this node only (a stanza another node forwarded here): never forward."""
+        return self.deliver(stanza, header, may_forward=False)
+
+    async def _deliver_absent(
+        self, stanza: ET.Element, header: StanzaHeader, *, may_forward: bool
+    ) -> None:
         assert header.to is not None
         username = header.to.local
-        if self.hooks.route_remote is not None and await self.hooks.route_remote(username, stanza):
+        route_remote = self.hooks.route_remote if may_forward else None
+        if route_remote is not None and await route_remote(username, stanza):
             return
         if header.kind == "presence" and header.type not in SUBSCRIPTION_TYPES:
             return  # presence for someone offline is dropped (RFC 6121 §4.3.2, §4.6.3)
         if username in self.users:  # the user bound while we asked
-            pending = self.deliver(stanza, header)
+            pending = self.deliver(stanza, header, may_forward=may_forward)
             if pending is not None:
                 await pending
             return

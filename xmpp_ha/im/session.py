@@ -86,6 +86,7 @@ class ClientSession:
         self._auth_real = False
         self._auth_failures = 0
         self._backlog: deque[stream.StreamEvent] | None = None
+        self._undelivered: list[ET.Element] = []  # sent after the stream closed
         self._closed = False
         manager.connections.add(self)
 
@@ -127,6 +128,7 @@ class ClientSession:
             self.transport.write(data)
         if self.stream.closed and not self._closed:
             self._forget_resumption()  # a closed stream ends the session; only a lost one waits
+            self.manager.unbind(self)  # from now on stanzas for this JID go elsewhere
             self.transport.close()
 
     def _forget_resumption(self) -> None:
@@ -143,6 +145,9 @@ class ClientSession:
             if self.stream.sm.overflowed:
                 self._forget_resumption()
                 self.expire_hibernation()
+            return
+        if self.stream.closed:
+            self._undelivered.append(stanza)  # handed on when the session terminates
             return
         self.stream.send_stanza(stanza)
         if self.stream.sm is not None and self.stream.sm.overflowed:
@@ -482,6 +487,7 @@ class ClientSession:
             self.available = False
             await self.manager.presence.went_offline(self, jid, record)
         unacked = self.stream.sm.unacked() if self.stream.sm is not None else []
-        messages = [stanza for stanza in unacked if stanza.tag == MESSAGE]
+        messages = [stanza for stanza in (*unacked, *self._undelivered) if stanza.tag == MESSAGE]
+        self._undelivered = []
         if messages:
             await self.manager.messages.redeliver(jid, messages)
