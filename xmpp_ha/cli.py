@@ -254,10 +254,17 @@ def build_parser() -> argparse.ArgumentParser:
     db_commands = db.add_subparsers(dest="db_command", required=True)
     _store_options(db_commands.add_parser("upgrade", help="create or upgrade the schema"))
     db.set_defaults(handler=cmd_db)
+
+    from xmpp_ha import cli_admin
+
+    cli_admin.add_parsers(commands)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from xmpp_ha.admin.client import AdminAPIError, AdminUnreachable
+    from xmpp_ha.cli_admin import AdminCLIError
+
     args = build_parser().parse_args(argv)
     try:
         return int(args.handler(args))
@@ -270,8 +277,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except NoSuchUser as exc:
         print(f"xmpp-ha: no such user: {exc}", file=sys.stderr)
         return 1
-    except (CLIError, StoreUnavailable, OSError) as exc:
-        print(f"xmpp-ha: {exc}", file=sys.stderr)
+    except (
+        CLIError, AdminCLIError, AdminAPIError, AdminUnreachable, StoreUnavailable, OSError,
+        RuntimeError, KeyError,
+    ) as exc:  # fmt: skip
+        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        print(f"xmpp-ha: {message}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

@@ -14,6 +14,7 @@ import logging
 import secrets
 import signal
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from xmpp_ha.config import NodeConfig, ensure_default_certs
 from xmpp_ha.core.clock import MonotonicClock
@@ -21,7 +22,11 @@ from xmpp_ha.im.hooks import Hooks
 from xmpp_ha.im.manager import Limits, SessionManager
 from xmpp_ha.net.c2s import C2SServer
 from xmpp_ha.net.tls import server_context
+from xmpp_ha.store.gate import StoreGate
 from xmpp_ha.store.sql import SQLStore
+
+if TYPE_CHECKING:
+    from xmpp_ha.runtime.member import GroupMember
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +74,8 @@ class Node:
         self.store: SQLStore | None = None
         self.manager: SessionManager | None = None
         self.c2s: C2SServer | None = None
+        self.gate = StoreGate()  # the administrator's switch for this node's store access
+        self.member: GroupMember | None = None
         self._timers: list[asyncio.Task[None]] = []
         self._stopped = asyncio.Event()
 
@@ -78,7 +85,7 @@ class Node:
         context = server_context(str(config.tls.cert_file), str(config.tls.key_file))
         self.manager = SessionManager(
             domain=config.node.domain,
-            repo=self.store,
+            repo=self.gate.wrap(self.store),
             clock=self.clock,
             new_token=_token,
             limits=limits_of(config),
@@ -92,6 +99,11 @@ class Node:
             max_connections=config.c2s.max_connections,
         )
         await self.c2s.start()
+        if config.ha.enabled:
+            from xmpp_ha.runtime.member import GroupMember
+
+            self.member = GroupMember(self)
+            await self.member.start()
         self._timers = [
             asyncio.create_task(self._sweep_forever()),
             asyncio.create_task(self._trim_forever()),
@@ -121,6 +133,8 @@ class Node:
     async def stop(self) -> None:
         for timer in self._timers:
             timer.cancel()
+        if self.member is not None:
+            await self.member.stop()
         if self.c2s is not None:
             await self.c2s.stop()
         if self.manager is not None:

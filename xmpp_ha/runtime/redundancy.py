@@ -1,0 +1,422 @@
+"""A node's part in its presence redundancy group: the SRM at work.
+
+This adapter wires the pure SRM and failure detector to the world: the peer
+link (heartbeats, signals, routed stanzas), the store (leases, the group's
+failover record, fenced user moves), the critical services, and the session
+manager's hooks (who may log in here, where a stanza for a user on the peer
+goes, whether this node may serve at all). All timing is read here.
+
+Fencing: a node serves only while its own store lease is fresh. Its peer
+takes its users over only after the lease stopped advancing for the
+heartbeat timeout, and this node stops serving a little earlier than that
+(one heartbeat interval), so a frozen or partitioned node never serves users
+that moved. When it recovers it restarts its SRM from the store's record.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import xml.etree.ElementTree as ET
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from xmpp_ha.core.clock import Clock
+from xmpp_ha.core.errors import StreamCondition
+from xmpp_ha.ha.detector import Detector, Timing
+from xmpp_ha.ha.groups import GroupError, SRMParams
+from xmpp_ha.ha.model import Reason, State, recommended_action
+from xmpp_ha.ha.srm import (
+    SRM,
+    ActionNotAllowed,
+    DisconnectUsers,
+    Effect,
+    Event,
+    GroupRecord,
+    Move,
+    MoveUsers,
+    PeerSignal,
+    Persist,
+    PersistFailedMode,
+    ResetAssignments,
+    Restart,
+    SendPeer,
+    StartServices,
+    StopServices,
+    Trigger,
+)
+from xmpp_ha.im.manager import SessionManager
+from xmpp_ha.protocol.xml import serialize
+from xmpp_ha.runtime.services import Services
+from xmpp_ha.store.cluster import Assignment, ClusterStore
+from xmpp_ha.store.repository import StoreUnavailable
+
+log = logging.getLogger("xmpp_ha.srm")
+
+_SIGNAL_EVENTS = {
+    PeerSignal.TAKE_OVER_REQUEST: Event.TAKE_OVER_REQUEST,
+    PeerSignal.TAKE_BACK_REQUEST: Event.TAKE_BACK_REQUEST,
+    PeerSignal.HAND_OVER_REQUEST: Event.HAND_OVER_REQUEST,
+    PeerSignal.MOVE_FINISHED: Event.PEER_MOVE_FINISHED,
+    PeerSignal.FAILED: Event.PEER_FAILED,
+    PeerSignal.RECOVER: Event.PEER_RECOVER,
+}
+
+
+def timing_of(params: SRMParams) -> Timing:
+    return Timing(
+        heartbeat_interval=params.heartbeat_interval,
+        heartbeat_timeout=params.heartbeat_timeout,
+        init_heartbeat_timeout=params.initialization_heartbeat_timeout,
+        critical_service_delay=params.critical_service_down_delay,
+        auto_fallback=params.enable_automatic_fallback,
+        auto_fallback_delay=params.automatic_fallback_delay,
+    )
+
+
+@dataclass
+class PeerInfo:
+    name: str
+    host: str
+    c2s_port: int
+    service_port: int
+    admin_port: int
+
+
+class Redundancy:
+    """The SRM of one node, with everything it drives."""
+
+    def __init__(
+        self,
+        *,
+        node_name: str,
+        group: str,
+        peer: PeerInfo | None,
+        cluster: ClusterStore,
+        manager: SessionManager,
+        services: Services,
+        clock: Clock,
+        params: SRMParams,
+        send_peer: Callable[[dict[str, Any]], None],
+        peer_connected: Callable[[], bool],
+    ) -> None:
+        self.node = node_name
+        self.group = group
+        self.peer = peer
+        self.cluster = cluster
+        self.manager = manager
+        self.services = services
+        self.clock = clock
+        self.params = params
+        self._send_peer = send_peer
+        self._peer_connected = peer_connected
+        self.detector = Detector(timing_of(params), clock.now())
+        self.srm = SRM(node_name, peer.name if peer else "")
+        self.assignments: dict[str, Assignment] = {}
+        self.peer_status: dict[str, Any] | None = None
+        self.last_lease_ok = clock.now()
+        self.fenced = False
+        self._peer_lease: int | None = None
+        self._effects: asyncio.Queue[Effect | Trigger] = asyncio.Queue()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    # --- life cycle --------------------------------------------------------------
+
+    async def start(self, *, ha_enabled: bool) -> None:
+        await self.reload_assignments()
+        record = await self.cluster.get_record(self.group)
+        self._restart_srm(record, ha_enabled=ha_enabled)
+        self._tasks = [
+            asyncio.create_task(self._worker(), name="srm-effects"),
+            asyncio.create_task(self._lease_loop(), name="srm-lease"),
+            asyncio.create_task(self._monitor_loop(), name="srm-monitor"),
+        ]
+
+    def _restart_srm(self, record: GroupRecord, *, ha_enabled: bool = True) -> None:
+        peer = self.peer.name if self.peer else ""
+        srm, effects = SRM.start(
+            self.node, peer, record, ha_enabled=ha_enabled and self.peer is not None,
+            services_ok=self.services.critical_up(),
+        )  # fmt: skip
+        self.srm = srm
+        self.detector = Detector(timing_of(self.params), self.clock.now())
+        log.info("SRM %s starts as %s/%s", self.node, srm.state.value, srm.reason.value)
+        for effect in effects:
+            self._effects.put_nowait(effect)
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    # --- inputs ------------------------------------------------------------------
+
+    def feed(self, trigger: Trigger) -> None:
+        """Hand a trigger to the SRM; its effects run in order on the worker."""
+        self._effects.put_nowait(trigger)
+
+    def admin(self, event: Event) -> None:
+        """Run an administrator's action now; raises ActionNotAllowed with a clear message."""
+        before = (self.srm.state, self.srm.reason)
+        effects = self.srm.handle(Trigger(event, Reason.ADMIN))
+        self._log_change(before, event)
+        for effect in effects:
+            self._effects.put_nowait(effect)
+
+    def on_peer_message(self, message: dict[str, Any]) -> None:
+        kind = message.get("t")
+        now = self.clock.now()
+        if kind == "hb":
+            state = _state(message.get("state"))
+            self.peer_status = (
+                message.get("status") if isinstance(message.get("status"), dict) else None
+            )
+            if state is not None:
+                self.srm.peer_reported(state)
+                for trigger in self.detector.heartbeat(now, state):
+                    self.feed(trigger)
+        elif kind == "signal":
+            signal = PeerSignal(str(message.get("signal")))
+            move = Move(str(message["move"])) if message.get("move") else None
+            reason = Reason(str(message.get("reason", Reason.NORMAL.value)))
+            if signal is PeerSignal.MOVE_FINISHED:
+                self._spawn_reload()
+            self.feed(Trigger(_SIGNAL_EVENTS[signal], reason, ok=bool(message.get("ok", True)),
+                              move=move))  # fmt: skip
+        elif kind == "stopping":
+            for trigger in self.detector.peer_stopping():
+                self.feed(trigger)
+        elif kind == "reload":
+            self._spawn_reload()
+
+        else:
+            log.warning("unknown peer message %r", kind)
+
+    def apply_params(self, params: SRMParams) -> None:
+        """Parameters changed at runtime take effect at the next timer."""
+        self.params = params
+        self.detector.timing = timing_of(params)
+        self.services.monitor_authentication = params.monitor_authentication_service
+
+    def heartbeat_message(self, status: dict[str, Any]) -> dict[str, Any]:
+        return {"t": "hb", "state": self.srm.state.value, "reason": self.srm.reason.value,
+                "status": status}  # fmt: skip
+
+    # --- hooks for the session manager ----------------------------------------------
+
+    def may_serve(self) -> bool:
+        if self.peer is None:
+            return True
+        fence_after = self.params.heartbeat_timeout - self.params.heartbeat_interval
+        return not self.fenced and self.clock.now() - self.last_lease_ok < fence_after
+
+    async def login_redirect(self, username: str) -> str | None:
+        """None to serve the user here, else the peer's "host:port" (see-other-host)."""
+        if self.peer is None:
+            return None
+        if not self.may_serve():
+            return f"{self.peer.host}:{self.peer.c2s_port}"
+        assignment = await self._assignment(username)
+        if assignment is None or assignment.current_node in (None, self.node):
+            return None
+        return f"{self.peer.host}:{self.peer.c2s_port}"
+
+    async def _assignment(self, username: str) -> Assignment | None:
+        cached = self.assignments.get(username)
+        if cached is not None:
+            return cached
+        fresh = await self.cluster.get_assignment(username)
+        if fresh is not None:
+            self.assignments[username] = fresh
+        return fresh
+
+    def user_on_peer(self, username: str) -> bool:
+        assignment = self.assignments.get(username)
+        return (
+            self.peer is not None
+            and assignment is not None
+            and assignment.current_node == self.peer.name
+        )
+
+    # --- the effects worker -------------------------------------------------------
+
+    async def _worker(self) -> None:
+        while True:
+            item = await self._effects.get()
+            try:
+                if isinstance(item, Trigger):
+                    before = (self.srm.state, self.srm.reason)
+                    try:
+                        effects = self.srm.handle(item)
+                    except ActionNotAllowed as exc:
+                        log.warning("%s", exc)
+                        continue
+                    self._log_change(before, item.event)
+                    for effect in effects:
+                        await self._run(effect)
+                else:
+                    await self._run(item)
+            except Exception:
+                log.exception("SRM effect failed: %r", item)
+
+    def _log_change(self, before: tuple[State, Reason], event: Event) -> None:
+        after = (self.srm.state, self.srm.reason)
+        if after != before:
+            log.info("SRM %s: %s/%s -> %s/%s on %s", self.node, before[0].value, before[1].value,
+                     after[0].value, after[1].value, event.name)  # fmt: skip
+
+    async def _run(self, effect: Effect) -> None:
+        if isinstance(effect, SendPeer):
+            message: dict[str, Any] = {"t": "signal", "signal": effect.signal.value,
+                                       "reason": effect.reason.value, "ok": effect.ok}  # fmt: skip
+            if effect.move is not None:
+                message["move"] = effect.move.value
+            self._send_peer(message)
+        elif isinstance(effect, MoveUsers):
+            ok = await self._move(effect.move)
+            self.feed(Trigger(Event.MOVE_FINISHED, effect.reason, ok=ok, move=effect.move))
+        elif isinstance(effect, StopServices):
+            await self.services.stop_all()
+        elif isinstance(effect, StartServices):
+            ok = await self.services.start_all()
+            self.feed(Trigger(Event.SERVICES_STARTED, ok=ok))
+        elif isinstance(effect, DisconnectUsers):
+            self._disconnect(lambda username: True)
+        elif isinstance(effect, Persist):
+            await self.cluster.set_failed_over(self.group, effect.failed_over, effect.by_admin)
+        elif isinstance(effect, PersistFailedMode):
+            await self.cluster.set_failed_mode(self.group, True)
+        elif isinstance(effect, ResetAssignments):
+            await self._reset_assignments()
+        elif isinstance(effect, Restart):
+            await self.services.start_all()
+            self._restart_srm(await self.cluster.get_record(self.group))
+            await self.reload_assignments()
+
+    async def _move(self, move: Move) -> bool:
+        """Fenced move in the store; the users' sessions on the losing side end first."""
+        assert self.peer is not None
+        peer = self.peer.name
+        try:
+            await self.cluster.begin_transition(self.group, move, self.node)
+            if move is Move.TAKE_OVER:
+                moved = await self.cluster.move_users(peer, self.node)
+            elif move is Move.GIVE_BACK:
+                self._disconnect(lambda username: self._home(username) == peer)
+                moved = await self.cluster.give_back(self.node, peer)
+            else:
+                moved = await self.cluster.take_all(self.node, [self.node, peer])
+            await self.cluster.end_transition(self.group)
+        except (StoreUnavailable, GroupError) as exc:
+            log.error("moving users (%s) failed: %s", move.value, exc)
+            return False
+        log.info("moved %d users (%s)", len(moved), move.value)
+        await self.reload_assignments()
+        self._send_peer({"t": "reload"})
+        return True
+
+    async def _reset_assignments(self) -> None:
+        assert self.peer is not None
+        await self.cluster.reset_to_home([self.node, self.peer.name])
+        await self.cluster.end_transition(self.group)
+        await self.cluster.set_failed_over(self.group, None, False)
+        await self.cluster.set_failed_mode(self.group, False)
+
+    def _home(self, username: str) -> str | None:
+        assignment = self.assignments.get(username)
+        return assignment.home_node if assignment is not None else None
+
+    def _disconnect(self, which: Callable[[str], bool]) -> None:
+        """End client sessions; clients are pointed at the peer (see-other-host)."""
+        peer = self.peer
+        condition = StreamCondition.SEE_OTHER_HOST if peer else StreamCondition.SYSTEM_SHUTDOWN
+        other_host = f"{peer.host}:{peer.c2s_port}" if peer else ""
+        for session in list(self.manager.connections):
+            if session.jid is not None and which(session.jid.local):
+                session.stream.fail(condition, "", other_host)
+                session.flush()
+
+    async def reload_assignments(self) -> None:
+        try:
+            self.assignments = await self.cluster.all_assignments()
+        except StoreUnavailable as exc:
+            log.warning("cannot reload assignments: %s", exc)
+
+    def _spawn_reload(self) -> None:
+        self._tasks.append(asyncio.create_task(self.reload_assignments()))
+        self._tasks = [task for task in self._tasks if not task.done()]
+
+    # --- loops ---------------------------------------------------------------------
+
+    async def _lease_loop(self) -> None:
+        while True:
+            now = self.clock.now()
+            try:
+                await self.cluster.renew_lease(self.node)
+                self.last_lease_ok = self.clock.now()
+                if self.peer is not None:
+                    counter = await self.cluster.read_lease(self.peer.name)
+                    if counter != self._peer_lease:
+                        self._peer_lease = counter
+                        self.detector.lease_advanced(now)
+                if self.fenced:
+                    await self._unfence()
+            except StoreUnavailable as exc:
+                log.debug("lease renewal failed: %s", exc)
+            if not self.may_serve() and not self.fenced and self.peer is not None:
+                self._fence()
+            await asyncio.sleep(self.params.heartbeat_interval)
+
+    def _fence(self) -> None:
+        log.warning("SRM %s: own lease is stale: fencing (no user is served here)", self.node)
+        self.fenced = True
+        self._disconnect(lambda username: True)
+
+    async def _unfence(self) -> None:
+        log.warning("SRM %s: lease renewed again: restarting the SRM from the store", self.node)
+        self.fenced = False
+        await self.reload_assignments()
+        self._restart_srm(await self.cluster.get_record(self.group))
+
+    async def _monitor_loop(self) -> None:
+        period = min(1.0, self.params.heartbeat_interval / 2)
+        while True:
+            await asyncio.sleep(period)
+            now = self.clock.now()
+            store_ok = self.services["store"].healthy()
+            self.detector.services(now, all_up=self.services.critical_up(), store_ok=store_ok)
+            if self.peer is None:
+                continue
+            if (
+                self.clock.now() - self.last_lease_ok > self.params.heartbeat_timeout
+                and not self.fenced
+            ):
+                self._fence()
+            for trigger in self.detector.tick(now, self.srm.state):
+                self.feed(trigger)
+
+    # --- status ----------------------------------------------------------------------
+
+    def state_view(self) -> dict[str, Any]:
+        srm = self.srm
+        return {
+            "state": srm.state.value,
+            "reason": srm.reason.value,
+            "recommended_action": recommended_action(srm.state, srm.reason),
+            "allowed_actions": sorted(action.value for action in srm.actions),
+            "peer_connected": self._peer_connected(),
+            "peer_partitioned": self.detector.peer_partitioned(self.clock.now()),
+            "fenced": self.fenced,
+        }
+
+
+def _state(value: object) -> State | None:
+    try:
+        return State(str(value))
+    except ValueError:
+        return None
+
+
+def stanza_payload(username: str, stanza: ET.Element) -> dict[str, object]:
+    return {"user": username, "xml": serialize(stanza, parent_ns="").decode()}
