@@ -206,10 +206,12 @@ class Redundancy:
     # --- hooks for the session manager ----------------------------------------------
 
     def may_serve(self) -> bool:
-        if self.peer is None:
-            return True
+        return self.peer is None or (not self.fenced and not self._lease_stale())
+
+    def _lease_stale(self) -> bool:
+        """Our lease may be seen as dead by the peer soon: stop serving a little earlier."""
         fence_after = self.params.heartbeat_timeout - self.params.heartbeat_interval
-        return not self.fenced and self.clock.now() - self.last_lease_ok < fence_after
+        return self.clock.now() - self.last_lease_ok >= fence_after
 
     async def login_redirect(self, username: str) -> str | None:
         """None to serve the user here, else the peer's "host:port" (see-other-host)."""
@@ -352,6 +354,8 @@ class Redundancy:
     async def _lease_loop(self) -> None:
         while True:
             now = self.clock.now()
+            if self.peer is not None and not self.fenced and self._lease_stale():
+                self._fence()  # before renewing: after a freeze, the peer may own our users
             try:
                 await self.cluster.renew_lease(self.node)
                 self.last_lease_ok = self.clock.now()
@@ -364,8 +368,6 @@ class Redundancy:
                     await self._unfence()
             except StoreUnavailable as exc:
                 log.debug("lease renewal failed: %s", exc)
-            if not self.may_serve() and not self.fenced and self.peer is not None:
-                self._fence()
             await asyncio.sleep(self.params.heartbeat_interval)
 
     def _fence(self) -> None:
@@ -388,10 +390,7 @@ class Redundancy:
             self.detector.services(now, all_up=self.services.critical_up(), store_ok=store_ok)
             if self.peer is None:
                 continue
-            if (
-                self.clock.now() - self.last_lease_ok > self.params.heartbeat_timeout
-                and not self.fenced
-            ):
+            if not self.fenced and self._lease_stale():
                 self._fence()
             for trigger in self.detector.tick(now, self.srm.state):
                 self.feed(trigger)
