@@ -49,6 +49,7 @@ from xmpp_ha.ha.srm import (
     PeerSignal,
     Persist,
     PersistFailedMode,
+    PersistRequest,
     ResetAssignments,
     Restart,
     SendPeer,
@@ -507,6 +508,11 @@ class Pair:
                 self.record = replace(
                     self.record, failed_over=effect.failed_over, by_admin=effect.by_admin
                 )
+            elif isinstance(effect, PersistRequest):
+                if node.store_ok and self.record.transition is None:
+                    self.record = replace(
+                        self.record, transition=effect.move, transition_node=node.peer
+                    )
             elif isinstance(effect, PersistFailedMode):
                 self.record = replace(self.record, failed_mode=True)
             elif isinstance(effect, ResetAssignments):
@@ -593,7 +599,9 @@ class Pair:
             elif node.frozen:
                 continue  # keeps what it had, takes nobody new
             elif node.healthy and node.srm.state in SERVING_STATES:
-                continue
+                # the runtime reconciles sessions with the store's assignments at every
+                # reload (after moves, on the peer's word, and every sync-agent pass)
+                node.sessions &= self.assigned_to(node.name)
             else:
                 node.sessions.clear()
         for node in self.nodes.values():

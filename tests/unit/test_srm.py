@@ -268,11 +268,6 @@ def test_row_08_srm_restarted_on_node_taking_over() -> None:
     fall_back_to_normal(pair)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="D5: the resumed takeover persists by_admin=False: node 1, failed over by the admin,"
-    " restarts Failed Over with Critical Services Not Running instead of Idle",
-)
 def test_row_08_resumed_takeover_keeps_the_admin_failover_record() -> None:
     pair = healthy_pair(auto_moves=False)
     pair.failover("n1")
@@ -421,11 +416,6 @@ def test_row_14_services_do_not_start_while_taking_back() -> None:
     fall_back_to_normal(pair)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="D2: PEER_FAILED is not in the table for Idle and Failed Over (with or without critical"
-    " services): the failed-over node stays put while its backup runs in failed mode",
-)
 def test_row_15_critical_service_stopped_on_backup_both_fail() -> None:
     pair = healthy_pair()
     fail_over_on_service_down(pair)  # node 1 failed over, its service still down
@@ -436,19 +426,6 @@ def test_row_15_critical_service_stopped_on_backup_both_fail() -> None:
     pair.start_service("n2")
     recover_to_normal(pair)
     assert pair.servers() == HOME
-
-
-def test_row_15_backup_fails_beside_a_node_that_cannot_serve() -> None:
-    """What the machine does today in row 15's situation: only the backup fails."""
-    pair = healthy_pair()
-    fail_over_on_service_down(pair)
-    fail_over_on_service_down(pair, "n2")
-    expect(
-        pair,
-        (S.FAILED_OVER_CS_DOWN, R.CRITICAL_SERVICE_DOWN),
-        (S.FAILED_MODE, R.CRITICAL_SERVICE_DOWN),
-    )
-    assert pair.servers() == dict.fromkeys(HOME)  # nobody can serve anyone
 
 
 def test_row_16_peer_unreachable_automatic_failover() -> None:
@@ -545,11 +522,6 @@ def test_row_19_takeover_fails() -> None:
     assert pair.served_by("n2") == {"carol", "dave"}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="D6: recovery restarts the SRMs but not the services the failover stopped: node 1"
-    " is Normal and serves nobody, then fails over again on Critical Service Down",
-)
 def test_row_19_recovery_restarts_the_services_the_failover_stopped() -> None:
     pair = healthy_pair(move_ok=False)
     pair.failover("n1")
@@ -661,11 +633,6 @@ def test_row_24_srm_restarted_on_both_once_ha_is_enabled() -> None:
 # --- defects found by the simulation (xfail until the SRM table is fixed) ------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="D1: a fallback before the first heartbeat since the SRM started takes ALL users"
-    " (TAKE_ALL) because peer_alive is False, while the peer still serves them",
-)
 @pytest.mark.parametrize("how", ["restart SRM", "reboot"])
 def test_fallback_right_after_start_waits_for_the_peer(how: str) -> None:
     pair = healthy_pair()
@@ -683,11 +650,6 @@ def test_fallback_right_after_start_waits_for_the_peer(how: str) -> None:
     assert pair.servers() == HOME
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="D3: PEER_RECOVER is handled only in Running in Failed Mode and Unknown; recovery"
-    " resets the assignments while the peer, in any other state, keeps its users",
-)
 def test_recovery_restarts_a_peer_in_backup_mode() -> None:
     pair = healthy_pair()
     pair.lose_store("n2")
@@ -705,11 +667,6 @@ def test_recovery_restarts_a_peer_in_backup_mode() -> None:
     assert pair.servers() == HOME
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="D3: after recovery run on the failed backup, the failed-over peer ignores"
-    " PEER_RECOVER and stays Failed Over; its fallback then hangs in Taking Back",
-)
 def test_recovery_restarts_a_failed_over_peer() -> None:
     pair = healthy_pair()
     fail_over_on_service_down(pair)
@@ -723,11 +680,6 @@ def test_recovery_restarts_a_failed_over_peer() -> None:
     assert pair.servers() == HOME
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="D4: a node that comes back (after a pause) while its peer takes its users over"
-    " is never told: it keeps Normal and serves its users again while they are moved",
-)
 def test_a_node_back_from_a_pause_stops_serving_the_users_taken_from_it() -> None:
     pair = healthy_pair(auto_moves=False)
     pair.freeze("n1")
@@ -742,11 +694,6 @@ def test_a_node_back_from_a_pause_stops_serving_the_users_taken_from_it() -> Non
     assert pair.servers() == ALL_ON_N2
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="D4: a node taken over while paused resumes in Normal (PEER_MOVE_FINISHED is"
-    " ignored in Normal), though the record says it is failed over; a failover then hangs",
-)
 def test_a_node_taken_over_while_paused_knows_it_is_failed_over() -> None:
     pair = healthy_pair()
     pair.freeze("n1")
@@ -798,11 +745,6 @@ def test_srm_restarted_while_failing_over_ends_consistent() -> None:
     fall_back_to_normal(pair)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="D9: two failovers asked during a partition both wait in Failing Over; each"
-    " ignores the other's TAKE_OVER_REQUEST and no action is offered: stuck, nobody serves",
-)
 def test_failovers_on_both_sides_of_a_partition_do_not_hang() -> None:
     pair = healthy_pair()
     pair.cut_link()
@@ -814,11 +756,6 @@ def test_failovers_on_both_sides_of_a_partition_do_not_hang() -> None:
         assert pair.srm(name).state.steady, pair.states()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="D10: PEER_LOST is not in the table for Backup Activated: when the peer dies"
-    " while taking all users, the backup stays Backup Activated for ever, nothing offered",
-)
 def test_peer_lost_during_auto_recovery_does_not_hang() -> None:
     pair = healthy_pair()
     _fail_over_node2_with_services_back(pair)
@@ -1057,8 +994,7 @@ KNOWN_DEFECTS = (
 )
 
 
-@pytest.mark.xfail(strict=True, reason=KNOWN_DEFECTS)
-@XFAIL_SETTINGS
+@SETTINGS
 @given(pair=PAIRS, operations=st.lists(OPERATIONS, max_size=40))
 def test_a_user_is_never_served_by_two_nodes(pair: Pair, operations: list[Operation]) -> None:
     for operation in operations:
@@ -1082,11 +1018,7 @@ def test_a_user_is_never_served_by_two_nodes_without_pauses_or_partitions(
     assert pair.violations == [], (operations, pair.log)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="stuck or inconsistent pairs: D2, D3, D4, D6, D8, D9, D10, D11 (xfail tests above)",
-)
-@XFAIL_SETTINGS
+@SETTINGS
 @given(pair=PAIRS, operations=st.lists(OPERATIONS, max_size=40))
 def test_the_recommended_actions_always_bring_the_pair_back_to_normal(
     pair: Pair, operations: list[Operation]

@@ -17,6 +17,8 @@ Rules (SPEC §4, DESIGN §4):
   act on it (Initializing, a transition) acts once it can.
 - With automatic fallback on, a node Failed Over (services up) for the
   fallback delay reports AUTO_FALLBACK_DUE once per such period.
+- A transition state that lasts longer than the initialization plus the
+  normal heartbeat timeout reports TRANSITION_TIMEOUT once.
 """
 
 from __future__ import annotations
@@ -49,6 +51,9 @@ class Detector:
         self.services_down_reason = Reason.CRITICAL_SERVICE_DOWN
         self.failed_over_since: float | None = None
         self.auto_fallback_reported = False
+        self.state: State | None = None
+        self.state_since = now
+        self.transition_timeout_reported = False
 
     # --- observations ----------------------------------------------------------
 
@@ -108,7 +113,28 @@ class Detector:
         elif now - self.services_down_since >= self.timing.critical_service_delay:
             triggers.append(Trigger(Event.SERVICES_DOWN, self.services_down_reason))
         triggers.extend(self._auto_fallback(now, state))
+        triggers.extend(self._transition_timeout(now, state))
         return triggers
+
+    @property
+    def transition_timeout(self) -> float:
+        """Long enough for a peer to restart and answer; then the transition is stuck."""
+        return self.timing.init_heartbeat_timeout + self.timing.heartbeat_timeout
+
+    def _transition_timeout(self, now: float, state: State) -> list[Trigger]:
+        from xmpp_ha.ha.srm import TRANSITION_STATES
+
+        if state is not self.state:
+            self.state, self.state_since = state, now
+            self.transition_timeout_reported = False
+        if (
+            state in TRANSITION_STATES
+            and not self.transition_timeout_reported
+            and now - self.state_since > self.transition_timeout
+        ):
+            self.transition_timeout_reported = True
+            return [Trigger(Event.TRANSITION_TIMEOUT, Reason.UNKNOWN)]
+        return []
 
     def _auto_fallback(self, now: float, state: State) -> list[Trigger]:
         if state is not State.FAILED_OVER or not self.timing.auto_fallback:

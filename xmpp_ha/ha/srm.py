@@ -47,6 +47,7 @@ class Event(Enum):
     MOVE_FINISHED = auto()  # our own user move finished (ok or not)
     PEER_MOVE_FINISHED = auto()  # the peer's user move for us finished (ok or not)
     AUTO_FALLBACK_DUE = auto()  # failed over and healthy for the automatic fallback delay
+    TRANSITION_TIMEOUT = auto()  # a transition state lasted too long: give up, offer recovery
 
 
 ADMIN_EVENTS = {
@@ -127,6 +128,13 @@ class Restart:
 
 
 @dataclass(frozen=True, slots=True)
+class PersistRequest:
+    """Record that this node asked its peer to move users (so a restart resumes waiting)."""
+
+    move: Move
+
+
+@dataclass(frozen=True, slots=True)
 class Persist:
     """Record in the store which node is failed over (None: both serve their own)."""
 
@@ -146,7 +154,7 @@ class ResetAssignments:
 
 Effect = (
     SendPeer | MoveUsers | StopServices | StartServices | DisconnectUsers | Restart | Persist
-    | PersistFailedMode | ResetAssignments
+    | PersistFailedMode | ResetAssignments | PersistRequest
 )  # fmt: skip
 
 
@@ -185,6 +193,7 @@ class SRM:
     reason: Reason = Reason.INITIALIZATION
     peer_state: State | None = None  # last state the peer reported
     peer_alive: bool = False  # seen, and not lost since
+    peer_lost: bool = False  # lost (timeout or announced stop) and not seen since
     history: list[tuple[State, Reason]] = field(default_factory=list)
 
     @classmethod
@@ -221,10 +230,10 @@ class SRM:
 
     def handle(self, trigger: Trigger) -> list[Effect]:
         if trigger.event is Event.PEER_SEEN:
-            self.peer_alive = True
+            self.peer_alive, self.peer_lost = True, False
             self.peer_state = trigger.peer_state
         elif trigger.event is Event.PEER_LOST:
-            self.peer_alive = False
+            self.peer_alive, self.peer_lost = False, True
         handler = _TABLE.get((self.state, trigger.event))
         if handler is None:
             action = ADMIN_EVENTS.get(trigger.event)
@@ -263,17 +272,33 @@ class SRM:
     def _peer_seen(self, trigger: Trigger) -> list[Effect]:
         if trigger.peer_state is State.FAILED_MODE:
             return self._fail(Reason.UNKNOWN, tell_peer=False)  # row 21
+        if trigger.peer_state in (State.BACKUP_MODE, State.TAKING_OVER):
+            # the peer holds (or is taking) our users though the record did not say so yet:
+            # wait for it to confirm, as a node being failed over
+            self._enter(State.FAILING_OVER, Reason.INITIALIZATION)
+            return [
+                DisconnectUsers(),
+                SendPeer(PeerSignal.TAKE_OVER_REQUEST, Reason.INITIALIZATION),
+            ]
         self._enter(State.NORMAL, Reason.NORMAL)
         return []
 
     def _admin_failover(self, trigger: Trigger) -> list[Effect]:
         self._enter(State.FAILING_OVER, Reason.ADMIN)  # row 2
-        return [StopServices(), SendPeer(PeerSignal.TAKE_OVER_REQUEST, Reason.ADMIN)]
+        return [
+            StopServices(),
+            PersistRequest(Move.TAKE_OVER),
+            SendPeer(PeerSignal.TAKE_OVER_REQUEST, Reason.ADMIN),
+        ]
 
     def _services_down(self, trigger: Trigger) -> list[Effect]:
         reason = trigger.reason  # CRITICAL_SERVICE_DOWN or DATABASE_FAILURE
         self._enter(State.FAILING_OVER, reason)  # rows 12, 13 (on the way)
-        return [DisconnectUsers(), SendPeer(PeerSignal.TAKE_OVER_REQUEST, reason)]
+        return [
+            DisconnectUsers(),
+            PersistRequest(Move.TAKE_OVER),
+            SendPeer(PeerSignal.TAKE_OVER_REQUEST, reason),
+        ]
 
     def _take_over(self, trigger: Trigger) -> list[Effect]:
         reason = trigger.reason
@@ -297,11 +322,23 @@ class SRM:
             return []
         if not trigger.ok:
             return self._fail(Reason.TAKEOVER_FAILED, tell_peer=False)
-        if self.reason is Reason.ADMIN:
+        by_admin = self.reason is Reason.ADMIN
+        if by_admin:
             self._enter(State.IDLE, Reason.ADMIN)  # row 3
         else:
             self._enter(State.FAILED_OVER_CS_DOWN, self.reason)  # rows 12, 13
-        return []
+        return [Persist(self.node, by_admin=by_admin)]  # also right when the mover restarted
+
+    def _taken_over_unawares(self, trigger: Trigger) -> list[Effect]:
+        """The peer took our users while we could not hear it (frozen, partitioned)."""
+        if trigger.move not in (Move.TAKE_OVER, Move.TAKE_ALL):
+            return []
+        self._enter(State.FAILED_OVER, trigger.reason)
+        return [DisconnectUsers()]
+
+    def _already_here(self, trigger: Trigger) -> list[Effect]:
+        """A take-over request for users this backup already holds: confirm it."""
+        return [SendPeer(PeerSignal.MOVE_FINISHED, trigger.reason, move=Move.TAKE_OVER)]
 
     def _fallback(self, trigger: Trigger) -> list[Effect]:
         reason = Reason.AUTO_FALLBACK if trigger.event is Event.AUTO_FALLBACK_DUE else Reason.ADMIN
@@ -314,7 +351,7 @@ class SRM:
     def _services_started(self, trigger: Trigger) -> list[Effect]:
         if not trigger.ok:
             return self._fail(Reason.START_CS_FAILED)  # row 14
-        if not self.peer_alive:  # nobody to give the users back: take them all
+        if self.peer_lost:  # nobody to give the users back: take them all
             return self._take_all(Trigger(Event.PEER_LOST, Reason.PEER_DOWN))
         return [SendPeer(PeerSignal.TAKE_BACK_REQUEST, self.reason)]
 
@@ -327,7 +364,13 @@ class SRM:
             return self._fail(Reason.TAKEBACK_FAILED)  # row 20
         reason = self.reason
         self._enter(State.NORMAL, Reason.NORMAL)
-        return [Persist(None), SendPeer(PeerSignal.MOVE_FINISHED, reason, move=Move.GIVE_BACK)]
+        effects: list[Effect] = [
+            Persist(None),
+            SendPeer(PeerSignal.MOVE_FINISHED, reason, move=Move.GIVE_BACK),
+        ]
+        if self.peer_lost:  # the peer died while we handed its users back: take them again
+            return [*effects, *self._take_over(Trigger(Event.PEER_LOST, Reason.PEER_DOWN))]
+        return effects
 
     def _took_back(self, trigger: Trigger) -> list[Effect]:
         if trigger.move is not Move.GIVE_BACK:
@@ -384,9 +427,12 @@ class SRM:
     def _recover(self, trigger: Trigger) -> list[Effect]:
         effects: list[Effect] = []
         if trigger.event is Event.ADMIN_RECOVER:  # the peer restarts on our word
-            effects = [ResetAssignments(), SendPeer(PeerSignal.RECOVER, Reason.ADMIN)]
+            effects = [DisconnectUsers(), ResetAssignments(),
+                       SendPeer(PeerSignal.RECOVER, Reason.ADMIN)]  # fmt: skip
+        else:
+            effects = [DisconnectUsers()]  # the users' homes change under us
         self._enter(State.INITIALIZING, Reason.INITIALIZATION)
-        return [*effects, Restart()]
+        return [*effects, StartServices(), Restart()]
 
     def _peer_lost_in_transition(self, trigger: Trigger) -> list[Effect]:
         return self._fail(Reason.UNKNOWN, tell_peer=False)
@@ -422,6 +468,14 @@ _TABLE: dict[tuple[State, Event], _Handler] = {
     (S.FAILING_OVER, E.PEER_MOVE_FINISHED): SRM._was_taken_over,
     (S.FAILING_OVER, E.PEER_FAILED): SRM._peer_failed,
     (S.FAILING_OVER, E.PEER_LOST): SRM._peer_lost_in_transition,
+    (S.FAILING_OVER, E.TAKE_OVER_REQUEST): SRM._peer_lost_in_transition,  # both asked (D9)
+    (S.NORMAL, E.PEER_MOVE_FINISHED): SRM._taken_over_unawares,
+    (S.BACKUP_MODE, E.PEER_MOVE_FINISHED): SRM._taken_over_unawares,
+    (S.BACKUP_MODE, E.TAKE_OVER_REQUEST): SRM._already_here,
+    (S.IDLE, E.PEER_FAILED): SRM._peer_failed,  # row 15, the failed-over side
+    (S.FAILED_OVER, E.PEER_FAILED): SRM._peer_failed,
+    (S.FAILED_OVER_CS_DOWN, E.PEER_FAILED): SRM._peer_failed,
+    (S.BACKUP_ACTIVATED, E.PEER_LOST): SRM._peer_lost_in_transition,
     (S.TAKING_OVER, E.MOVE_FINISHED): SRM._took_over,
     # failed over
     (S.IDLE, E.ADMIN_FALLBACK): SRM._fallback,
@@ -452,4 +506,14 @@ _TABLE: dict[tuple[State, Event], _Handler] = {
     (S.UNKNOWN, E.ADMIN_RECOVER): SRM._recover,
     (S.UNKNOWN, E.PEER_RECOVER): SRM._recover,
 }
-del S, E
+TRANSITION_STATES = frozenset(
+    {S.TAKING_OVER, S.FAILING_OVER, S.FALLING_BACK, S.TAKING_BACK, S.BACKUP_ACTIVATED,
+     S.FAILING_OVER_AFFECTED}
+)  # fmt: skip
+for _state in State:
+    # the peer's recovery restarts this SRM whatever its state (D3)
+    _TABLE.setdefault((_state, E.PEER_RECOVER), SRM._recover)
+for _state in TRANSITION_STATES:
+    # a transition that never ends (its peer vanished mid-way) gives up: recovery is offered
+    _TABLE[(_state, E.TRANSITION_TIMEOUT)] = SRM._peer_lost_in_transition
+del S, E, _state
