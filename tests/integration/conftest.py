@@ -123,12 +123,14 @@ NodeFactory = Callable[..., "asyncio.Future[RunningNode] | Any"]
 async def node_factory(tmp_path: Path, store_url: str) -> AsyncIterator[Any]:
     """`await node_factory(users=[...], **config_overrides)` -> RunningNode."""
     started: list[RunningNode] = []
+    added: set[str] = set()
     certs = init_certs(tmp_path / "certs", node_names=["n1", "n2"])
 
     async def start(
         *, name: str = "n1", users: list[str] | None = None, **sections: dict[str, Any]
     ) -> RunningNode:
-        await add_users(store_url, users or [])
+        await add_users(store_url, [u for u in users or [] if u not in added])
+        added.update(users or [])
         node_dir = tmp_path / name
         node_dir.mkdir(exist_ok=True)
         config: dict[str, dict[str, Any]] = {
@@ -146,11 +148,12 @@ async def node_factory(tmp_path: Path, store_url: str) -> AsyncIterator[Any]:
         config_file = node_dir / "node.toml"
         write_config(config_file, config)
         ready = node_dir / "ready"
+        ready.unlink(missing_ok=True)  # a restarted node must not be taken for ready at once
         log_file = node_dir / "node.log"
         process = subprocess.Popen(
             [sys.executable, "-m", "xmpp_ha.cli", "serve", "--config", str(config_file),
              "--ready-file", str(ready), "--log-level", "debug"],
-            stdout=log_file.open("wb"), stderr=subprocess.STDOUT,
+            stdout=log_file.open("ab"), stderr=subprocess.STDOUT,
         )  # fmt: skip
         deadline = time.monotonic() + 30
         while not (ready.exists() and ready.read_text().strip()):

@@ -834,12 +834,6 @@ async def test_disco_info_to_another_users_bare_jid_is_answered_by_the_server(
     assert bob.inbox.take(lambda s: isinstance(s, Iq) and s["type"] == "get") is None
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="server bug: disco#info to an offline user's bare JID is answered "
-    "<service-unavailable/> instead of the account identity (RFC 6121 §8.5.2.2.3), "
-    "revealing whether the user is online",
-)
 async def test_disco_info_to_an_offline_users_bare_jid_is_answered_by_the_server(
     bed: Testbed,
 ) -> None:
@@ -954,12 +948,6 @@ async def test_clean_close_ends_a_resumable_session_at_once(bed: Testbed) -> Non
     await bob.inbox.next(is_presence("unavailable", "alice@localhost/phone"), what="unavailable")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="server bug: resuming while the old connection is open unbinds the session "
-    "(ClientSession._resume -> old.close_stream -> flush -> manager.unbind), so _adopt "
-    "never registers the new one: <resumed/> is sent but stanzas for the JID go offline",
-)
 async def test_resumption_while_the_old_connection_still_looks_alive(bed: Testbed) -> None:
     await bed.start_node(c2s={"sm_resume_timeout": 30.0})
     old = await sm_login(bed, "alice/phone")

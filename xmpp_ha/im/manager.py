@@ -292,8 +292,8 @@ class SessionManager:
             await self.messages.deliver_offline(username, stanza, header)
         elif header.kind == "presence":
             await self.presence.deliver_offline(username, stanza, header)
-        elif header.type in ("get", "set"):
-            await _awaited(self.bounce(stanza, StanzaError(StanzaCondition.SERVICE_UNAVAILABLE)))
+        else:
+            await _awaited(self.iq.for_account(stanza, header))
 
     def bounce(self, stanza: ET.Element, error: StanzaError) -> Awaitable[None] | None:
         """Return an error to the stanza's sender; errors about errors are dropped."""

@@ -135,10 +135,18 @@ class MessageService:
                 if pending is not None:
                     await pending
             return
-        stored = self._stamped(stanza)
-        kept = await self.manager.repo.store_offline(
-            username, _stored_text(stored), self.manager.limits.offline_messages_per_user
-        )
+        async with self.manager.user_lock(username):
+            record = self.manager.users.get(username)
+            targets = _highest_priority(record) if record is not None else []
+            if targets:  # the user came online meanwhile (and flushed): deliver instead
+                for target in targets:
+                    target.send(stanza)
+                return
+            kept = await self.manager.repo.store_offline(
+                username,
+                _stored_text(self._stamped(stanza)),
+                self.manager.limits.offline_messages_per_user,
+            )
         if not kept:
             pending = self.manager.bounce(
                 stanza, StanzaError(StanzaCondition.SERVICE_UNAVAILABLE, "offline storage is full")
@@ -156,27 +164,30 @@ class MessageService:
     async def flush_offline(self, session: ClientSession) -> None:
         """Deliver stored messages to a session that just sent initial presence."""
         assert session.jid is not None
-        for text in await self.manager.repo.take_offline(session.jid.local):
+        async with self.manager.user_lock(session.jid.local):
+            stored = await self.manager.repo.take_offline(session.jid.local)
+        for text in stored:
             session.send(ET.fromstring(text))
 
     async def redeliver(self, jid: JID, messages: list[ET.Element]) -> None:
         """Messages a dead session never acknowledged: to another resource, else offline."""
-        record = self.manager.users.get(jid.local)
-        targets = _highest_priority(record) if record is not None else []
-        if targets:
-            for stanza in messages:
-                for target in targets:
-                    target.send(stanza)
-            return
-        items = [
-            (jid.local, _stored_text(self._stamped(stanza)))
-            for stanza in messages
-            if stanza.get("type", "normal") in _OFFLINE_TYPES
-        ]
-        if items:
-            await self.manager.repo.store_offline_many(
-                items, self.manager.limits.offline_messages_per_user
-            )
+        async with self.manager.user_lock(jid.local):  # serialised with flush_offline
+            record = self.manager.users.get(jid.local)
+            targets = _highest_priority(record) if record is not None else []
+            if targets:
+                for stanza in messages:
+                    for target in targets:
+                        target.send(stanza)
+                return
+            items = [
+                (jid.local, _stored_text(self._stamped(stanza)))
+                for stanza in messages
+                if stanza.get("type", "normal") in _OFFLINE_TYPES
+            ]
+            if items:
+                await self.manager.repo.store_offline_many(
+                    items, self.manager.limits.offline_messages_per_user
+                )
 
 
 def _stored_text(stanza: ET.Element) -> str:

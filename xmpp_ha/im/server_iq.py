@@ -84,11 +84,18 @@ class IqService:
             if target is not None:
                 target.send(stanza)
                 return None
-        elif header.type == "get" and stanza[0].tag == ns.tag(ns.DISCO_INFO, "query"):
+        return self.for_account(stanza, header)
+
+    def for_account(self, stanza: ET.Element, header: StanzaHeader) -> Awaitable[None] | None:
+        """An IQ to an account (online or not) that no resource takes: the server answers
+        disco#info on the account's behalf (RFC 6121 §8.5.2), and refuses the rest."""
+        to = header.to
+        assert to is not None
+        if header.type == "get" and stanza[0].tag == ns.tag(ns.DISCO_INFO, "query"):
             query = ET.Element(ns.tag(ns.DISCO_INFO, "query"))
             ET.SubElement(query, ns.tag(ns.DISCO_INFO, "identity"),
                           {"category": "account", "type": "registered"})  # fmt: skip
-            reply = iq_result(stanza, query, sender=str(to))
+            reply = iq_result(stanza, query, sender=str(to.bare))
             return self.manager.route(reply, StanzaHeader.of(reply))
         if header.type in ("get", "set"):
             return self.manager.bounce(stanza, StanzaError(StanzaCondition.SERVICE_UNAVAILABLE))

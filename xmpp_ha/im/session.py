@@ -400,20 +400,20 @@ class ClientSession:
             self.stream.sm_failed("item-not-found")
             return
         assert old.stream.sm is not None
-        del self.manager.resumable[event.previd]
-        if old.hibernated_until is None:  # the old connection is still open: take it over
-            old.resume_token = ""
-            old.close_stream(StreamCondition.CONFLICT, "resumed on another connection")
-            old._closed = True
-            old.manager.connections.discard(old)
         sm = old.stream.sm
         try:
             sm.acknowledge(event.handled)
         except Exception:  # noqa: BLE001 - a bad h from the client ends the resumption
+            del self.manager.resumable[event.previd]
             self.stream.sm_failed("unexpected-request")
             self.manager.spawn(old._terminate())
             return
-        self._adopt(old, event.previd)
+        still_open = old.hibernated_until is None
+        self._adopt(old, event.previd)  # first: closing the old stream must not unbind us
+        if still_open:  # the old connection is still open: it ends, this one takes over
+            old.close_stream(StreamCondition.CONFLICT, "resumed on another connection")
+            old._closed = True
+            self.manager.connections.discard(old)
         assert self.jid is not None
         for stanza in self.stream.resumed(self.jid, sm, event.previd):
             self.stream.send_raw(serialize(stanza))

@@ -115,9 +115,10 @@ class Node:
     async def _sweep_forever(self) -> None:
         assert self.manager is not None
         limits = self.manager.limits
-        interval = min(SWEEP_INTERVAL_MAX, max(0.05, min(
-            limits.handshake_timeout, limits.idle_timeout, limits.ping_timeout
-        ) / 4))  # fmt: skip
+        timeouts = [limits.handshake_timeout, limits.idle_timeout, limits.ping_timeout]
+        if limits.sm_resume_timeout > 0:
+            timeouts.append(limits.sm_resume_timeout)
+        interval = min(SWEEP_INTERVAL_MAX, max(0.05, min(timeouts) / 4))
         while True:
             await asyncio.sleep(interval)
             try:
