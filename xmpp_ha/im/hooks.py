@@ -12,14 +12,27 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from xmpp_ha.core.errors import StreamCondition
+
 if TYPE_CHECKING:
     from xmpp_ha.im.session import ClientSession
 
 SessionListener = Callable[["ClientSession"], None]
 # (session, iq stanza) -> None when answered synchronously, or an awaitable
 IqHandler = Callable[["ClientSession", ET.Element], Awaitable[None] | None]
-# (username) -> True when this node must not serve the user (e.g. the peer is its home)
-LoginGuard = Callable[[str], Awaitable[str | None]]
+
+
+@dataclass(frozen=True, slots=True)
+class LoginRefusal:
+    """Why a user may not be bound here: a stream error, and where to go instead."""
+
+    condition: StreamCondition
+    text: str = ""
+    other_host: str = ""  # "host:port" for see-other-host
+
+
+# (username) -> None to serve the user here, or the refusal to send
+LoginGuard = Callable[[str], Awaitable[LoginRefusal | None]]
 # (username, stanza) -> True when the stanza was handed to another node
 RemoteRouter = Callable[[str, ET.Element], Awaitable[bool]]
 
@@ -31,8 +44,8 @@ class Hooks:
     stream_features: list[Callable[[ClientSession], list[ET.Element]]] = field(default_factory=list)
     iq_handlers: dict[tuple[str, str], IqHandler] = field(default_factory=dict)
     disco_features: list[str] = field(default_factory=list)
-    # asked before binding: a host name to redirect the client to, or None to serve it here
-    login_redirect: LoginGuard | None = None
+    # asked before binding: None to serve the user here, or why not (and where to go)
+    login_guard: LoginGuard | None = None
     # asked for a local-domain user with no session here: did another node take the stanza?
     route_remote: RemoteRouter | None = None
     # asked before serving a bound session's input: False when this node is fenced

@@ -359,11 +359,11 @@ class ClientSession:
         if not self.manager.switches.session_manager:
             self.stream.bind_failed(event.iq_id, "service-unavailable")
             return
-        redirect = self.manager.hooks.login_redirect
-        if redirect is not None:
-            other_host = await redirect(self.stream.username)
-            if other_host:
-                self.stream.fail(StreamCondition.SEE_OTHER_HOST, "", other_host)
+        guard = self.manager.hooks.login_guard
+        if guard is not None:
+            refusal = await guard(self.stream.username)
+            if refusal is not None:
+                self.stream.fail(refusal.condition, refusal.text, refusal.other_host)
                 return
         resource = event.resource or self.manager.new_token(9)
         try:

@@ -19,6 +19,7 @@ from xmpp_ha.admin.http import AdminServer
 from xmpp_ha.ha.groups import AssignmentMode, SRMParams
 from xmpp_ha.ha.model import Reason
 from xmpp_ha.ha.srm import Event, Trigger
+from xmpp_ha.im.hooks import LoginRefusal
 from xmpp_ha.net.peer import PeerLink
 from xmpp_ha.net.tls import client_context, server_context
 from xmpp_ha.protocol.stanzas import StanzaHeader
@@ -120,7 +121,7 @@ class GroupMember:
         await self._join_group(await cluster.group_of_node(config.node.name))
         hooks = node.hooks
         hooks.may_serve = lambda: self.redundancy is None or self.redundancy.may_serve()
-        hooks.login_redirect = self._login_redirect
+        hooks.login_guard = self._login_guard
         hooks.route_remote = self._route_remote
         await self._start_sync_agent()
         self._tasks.append(asyncio.create_task(self._heartbeat_loop()))
@@ -174,8 +175,8 @@ class GroupMember:
             await self.link.stop()
             self.link = None
 
-    async def _login_redirect(self, username: str) -> str | None:
-        return await self.redundancy.login_redirect(username) if self.redundancy else None
+    async def _login_guard(self, username: str) -> LoginRefusal | None:
+        return await self.redundancy.login_guard(username) if self.redundancy else None
 
     async def stop(self) -> None:
         if self.link is not None and self.link.connected:
@@ -290,10 +291,10 @@ class GroupMember:
             return 0
         self.mode = await self.cluster.get_assignment_mode()
         assigned = await self.cluster.assign_unassigned(self.mode, list(group.nodes))
-        if assigned and self.redundancy is not None:
-            await self.redundancy.reload_assignments()
-            if self.link is not None:
-                self.link.send({"t": "reload"})
+        if self.redundancy is not None:
+            await self.redundancy.reload_assignments()  # also ends sessions that moved away
+        if assigned and self.link is not None:
+            self.link.send({"t": "reload"})
         return assigned
 
     async def _close_gate(self) -> None:

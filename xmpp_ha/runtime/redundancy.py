@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import xml.etree.ElementTree as ET
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -39,6 +40,7 @@ from xmpp_ha.ha.srm import (
     PeerSignal,
     Persist,
     PersistFailedMode,
+    PersistRequest,
     ResetAssignments,
     Restart,
     SendPeer,
@@ -46,6 +48,7 @@ from xmpp_ha.ha.srm import (
     StopServices,
     Trigger,
 )
+from xmpp_ha.im.hooks import LoginRefusal
 from xmpp_ha.im.manager import SessionManager
 from xmpp_ha.protocol.xml import serialize
 from xmpp_ha.runtime.services import Services
@@ -115,6 +118,8 @@ class Redundancy:
         self.srm = SRM(node_name, peer.name if peer else "")
         self.assignments: dict[str, Assignment] = {}
         self.peer_status: dict[str, Any] | None = None
+        self.incarnation = ""
+        self.peer_incarnation: str | None = None  # the peer SRM's, from its heartbeats
         self.last_lease_ok = clock.now()
         self.fenced = False
         self._peer_lease: int | None = None
@@ -140,6 +145,7 @@ class Redundancy:
             services_ok=self.services.critical_up(),
         )  # fmt: skip
         self.srm = srm
+        self.incarnation = secrets.token_hex(8)  # signals to an older SRM of ours are stale
         self.detector = Detector(timing_of(self.params), self.clock.now())
         log.info("SRM %s starts as %s/%s", self.node, srm.state.value, srm.reason.value)
         for effect in effects:
@@ -168,6 +174,8 @@ class Redundancy:
         kind = message.get("t")
         now = self.clock.now()
         if kind == "hb":
+            incarnation = message.get("inc")
+            self.peer_incarnation = str(incarnation) if incarnation else None
             state = _state(message.get("state"))
             self.peer_status = (
                 message.get("status") if isinstance(message.get("status"), dict) else None
@@ -177,6 +185,10 @@ class Redundancy:
                 for trigger in self.detector.heartbeat(now, state):
                     self.feed(trigger)
         elif kind == "signal":
+            addressed_to = message.get("to")
+            if addressed_to and addressed_to != self.incarnation:
+                log.info("dropping a stale %s signal (for an earlier SRM)", message.get("signal"))
+                return
             signal = PeerSignal(str(message.get("signal")))
             move = Move(str(message["move"])) if message.get("move") else None
             reason = Reason(str(message.get("reason", Reason.NORMAL.value)))
@@ -201,7 +213,7 @@ class Redundancy:
 
     def heartbeat_message(self, status: dict[str, Any]) -> dict[str, Any]:
         return {"t": "hb", "state": self.srm.state.value, "reason": self.srm.reason.value,
-                "status": status}  # fmt: skip
+                "inc": self.incarnation, "status": status}  # fmt: skip
 
     # --- hooks for the session manager ----------------------------------------------
 
@@ -213,16 +225,26 @@ class Redundancy:
         fence_after = self.params.heartbeat_timeout - self.params.heartbeat_interval
         return self.clock.now() - self.last_lease_ok >= fence_after
 
-    async def login_redirect(self, username: str) -> str | None:
-        """None to serve the user here, else the peer's "host:port" (see-other-host)."""
-        if self.peer is None:
-            return None
+    async def login_guard(self, username: str) -> LoginRefusal | None:
+        """Serve the user here only where the store assigns it and no move is under way."""
+        if self.peer is None or self.srm.state is State.UNKNOWN:
+            return None  # no redundancy: every user is served here
+        go_to_peer = LoginRefusal(
+            StreamCondition.SEE_OTHER_HOST, "", f"{self.peer.host}:{self.peer.c2s_port}"
+        )
         if not self.may_serve():
-            return f"{self.peer.host}:{self.peer.c2s_port}"
+            return go_to_peer
+        state = self.srm.state
+        if state in _NO_LOGINS:
+            return LoginRefusal(
+                StreamCondition.SYSTEM_SHUTDOWN, f"node is {state.value}: log in again shortly"
+            )
         assignment = await self._assignment(username)
         if assignment is None or assignment.current_node in (None, self.node):
+            if state is State.FALLING_BACK and self._home(username) == self.peer.name:
+                return go_to_peer  # being handed back right now
             return None
-        return f"{self.peer.host}:{self.peer.c2s_port}"
+        return go_to_peer
 
     async def _assignment(self, username: str) -> Assignment | None:
         cached = self.assignments.get(username)
@@ -271,7 +293,8 @@ class Redundancy:
     async def _run(self, effect: Effect) -> None:
         if isinstance(effect, SendPeer):
             message: dict[str, Any] = {"t": "signal", "signal": effect.signal.value,
-                                       "reason": effect.reason.value, "ok": effect.ok}  # fmt: skip
+                                       "reason": effect.reason.value, "ok": effect.ok,
+                                       "to": self.peer_incarnation}  # fmt: skip
             if effect.move is not None:
                 message["move"] = effect.move.value
             self._send_peer(message)
@@ -287,6 +310,12 @@ class Redundancy:
             self._disconnect(lambda username: True)
         elif isinstance(effect, Persist):
             await self.cluster.set_failed_over(self.group, effect.failed_over, effect.by_admin)
+        elif isinstance(effect, PersistRequest):
+            if self.peer is not None:
+                try:  # so that an SRM restarted while waiting resumes waiting
+                    await self.cluster.begin_transition(self.group, effect.move, self.peer.name)
+                except (StoreUnavailable, GroupError) as exc:
+                    log.warning("cannot record the failover request: %s", exc)
         elif isinstance(effect, PersistFailedMode):
             await self.cluster.set_failed_mode(self.group, True)
         elif isinstance(effect, ResetAssignments):
@@ -340,10 +369,18 @@ class Redundancy:
                 session.flush()
 
     async def reload_assignments(self) -> None:
+        """Refresh the assignment cache, then end sessions of users no longer served here."""
         try:
             self.assignments = await self.cluster.all_assignments()
         except StoreUnavailable as exc:
             log.warning("cannot reload assignments: %s", exc)
+            return
+        if self.peer is not None and self.srm.state is not State.UNKNOWN:
+            self._disconnect(self._moved_away)
+
+    def _moved_away(self, username: str) -> bool:
+        assignment = self.assignments.get(username)
+        return assignment is not None and assignment.current_node not in (None, self.node)
 
     def _spawn_reload(self) -> None:
         self._tasks.append(asyncio.create_task(self.reload_assignments()))
@@ -408,6 +445,12 @@ class Redundancy:
             "peer_partitioned": self.detector.peer_partitioned(self.clock.now()),
             "fenced": self.fenced,
         }
+
+
+# states in which no login is accepted: a move is about to change who serves whom
+_NO_LOGINS = frozenset(
+    {State.INITIALIZING, State.FAILING_OVER, State.BACKUP_ACTIVATED, State.TAKING_BACK}
+)
 
 
 def _state(value: object) -> State | None:
