@@ -69,6 +69,15 @@ class Detector:
     def lease_advanced(self, now: float) -> None:
         self.last_lease_advance = now
 
+    def stalled(self, now: float) -> None:
+        """We did not run for a while (frozen, overloaded): silence from the peer over
+        that time proves nothing, so its timeout starts again from now."""
+        if self.last_heartbeat is not None:
+            self.last_heartbeat = now
+        if self.last_lease_advance is not None:
+            self.last_lease_advance = now
+        self.started_at = max(self.started_at, now - self.peer_timeout / 2)
+
     def peer_stopping(self) -> list[Trigger]:
         self.peer_lost = True
         return [Trigger(Event.PEER_LOST, Reason.PEER_REBOOT)]

@@ -420,15 +420,22 @@ class Redundancy:
 
     async def _monitor_loop(self) -> None:
         period = min(1.0, self.params.heartbeat_interval / 2)
+        last = self.clock.now()
         while True:
             await asyncio.sleep(period)
             now = self.clock.now()
+            if now - last > period + self.params.heartbeat_interval:
+                log.warning("SRM %s did not run for %.1f s", self.node, now - last - period)
+                self.detector.stalled(now)
+            last = now
             store_ok = self.services["store"].healthy()
             self.detector.services(now, all_up=self.services.critical_up(), store_ok=store_ok)
             if self.peer is None:
                 continue
             if not self.fenced and self._lease_stale():
                 self._fence()
+            if self.fenced:
+                continue  # judged again from the store's record once the lease is back
             for trigger in self.detector.tick(now, self.srm.state):
                 self.feed(trigger)
 
