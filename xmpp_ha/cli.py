@@ -70,6 +70,17 @@ def _is_embedded(url: str) -> bool:
     return normalize_url(url).startswith("sqlite")
 
 
+def _store_exists(url: str) -> bool:
+    from sqlalchemy.engine import make_url
+
+    from xmpp_ha.store.sql import normalize_url
+
+    if not _is_embedded(url):
+        return True
+    database = make_url(normalize_url(url)).database
+    return bool(database) and Path(str(database)).exists()
+
+
 def _ensure_sqlite_dir(url: str) -> None:
     """The embedded default creates its data directory on first use."""
     from sqlalchemy.engine import make_url
@@ -131,9 +142,31 @@ def _password(args: argparse.Namespace) -> str:
     return line
 
 
+async def _refuse_while_failed_over(url: str) -> None:
+    """SPEC §5: no user is added while a node of a redundancy group is failed over."""
+    from xmpp_ha.store.cluster import ClusterStore
+
+    try:
+        cluster = await ClusterStore.open(url)
+    except StoreUnavailable:
+        return  # no cluster schema yet: a lone node
+    try:
+        for group in await cluster.list_groups():
+            record = group.record
+            if record.failed_over or record.transition or record.failed_mode:
+                raise CLIError(
+                    f"cannot add users while node {record.failed_over or '?'} of group "
+                    f"{group.name} is failed over (or moving users); fall back first"
+                )
+    finally:
+        await cluster.close()
+
+
 def cmd_users(args: argparse.Namespace) -> int:
     url = _store_url(args)
     create = _is_embedded(url)
+    if args.users_command in ("add", "import") and not (create and not _store_exists(url)):
+        asyncio.run(_refuse_while_failed_over(url))
     if args.users_command == "add":
         username, password = _username(args.username), _password(args)
         asyncio.run(_with_store(url, lambda s: s.add_user(username, password), create=create))

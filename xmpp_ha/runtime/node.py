@@ -134,12 +134,14 @@ class Node:
     async def stop(self) -> None:
         for timer in self._timers:
             timer.cancel()
-        if self.member is not None:
-            await self.member.stop()
+        # users go first (their unacknowledged messages to the store, their presence over
+        # the peer link); only then does the peer hear that we stop, and take over at once
         if self.c2s is not None:
             await self.c2s.stop()
         if self.manager is not None:
             await self.manager.shutdown()
+        if self.member is not None:
+            await self.member.stop()
         if self.store is not None:
             await self.store.close()
         self._stopped.set()
