@@ -30,17 +30,13 @@ from __future__ import annotations
 import asyncio
 import json
 from collections import defaultdict
-from collections.abc import AsyncIterator, Mapping, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
-from pathlib import Path
 from typing import Any
 
 from sqlalchemy import ColumnElement, and_, case, func, insert, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.exc import DBAPIError
-from sqlalchemy.exc import TimeoutError as PoolTimeout
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from xmpp_ha.ha.groups import (
     DEFAULT_ASSIGNMENT_MODE,
@@ -66,14 +62,12 @@ from xmpp_ha.ha.srm import GroupRecord, Move
 from xmpp_ha.store.migrations import (
     BEGIN_OPTION,
     CURRENT_SCHEMA_VERSION,
-    SchemaMismatch,
     schema_version,
-    upgrade,
 )
-from xmpp_ha.store.repository import NoSuchUser, StoreUnavailable
+from xmpp_ha.store.repository import NoSuchUser
 from xmpp_ha.store.schema import assignments, cluster_params, groups, leases, users
 from xmpp_ha.store.schema import nodes as node_table
-from xmpp_ha.store.sql import create_engine
+from xmpp_ha.store.sql import EngineStore, create_engine
 
 __all__ = [
     "STATUS_HEALTHY",
@@ -178,66 +172,8 @@ def _members_in(names: Sequence[str]) -> ColumnElement[bool]:
     return or_(groups.c.node1.in_(names), groups.c.node2.in_(names))
 
 
-class ClusterStore:
+class ClusterStore(EngineStore):
     """The group's shared state; see the module docstring for its rules."""
-
-    def __init__(self, engine: AsyncEngine) -> None:
-        self._engine = engine
-        self._writer = engine.execution_options(**_WRITE)
-        self._where = f"store {engine.url.render_as_string(hide_password=True)}"
-        self._postgres = engine.dialect.name == "postgresql"
-
-    @classmethod
-    async def open(cls, url: str, *, create: bool = False) -> ClusterStore:
-        """Connect; `create` creates or upgrades the schema, else it must be current.
-
-        Raises SchemaMismatch (a StoreUnavailable) when the schema is missing or
-        at another version, StoreUnavailable when the store cannot be reached.
-        """
-        engine = create_engine(url)
-        store = cls(engine)
-        try:
-            database = engine.url.database or ":memory:"
-            on_disk = engine.dialect.name == "sqlite" and database != ":memory:"
-            if on_disk and not create and not Path(database).exists():
-                raise StoreUnavailable(f"{store._where}: no such database file")
-            async with store._failures():
-                if create:
-                    await upgrade(engine)
-                else:
-                    found = await schema_version(engine)
-                    if found != CURRENT_SCHEMA_VERSION:
-                        raise SchemaMismatch(found, CURRENT_SCHEMA_VERSION, store._where)
-        except BaseException:
-            await engine.dispose()
-            raise
-        return store
-
-    @property
-    def engine(self) -> AsyncEngine:
-        return self._engine
-
-    async def close(self) -> None:
-        await self._engine.dispose()
-
-    @asynccontextmanager
-    async def _failures(self) -> AsyncIterator[None]:
-        try:
-            yield
-        except DBAPIError as exc:
-            origin = exc.orig if exc.orig is not None else exc
-            raise StoreUnavailable(f"{self._where}: {type(origin).__name__}: {origin}") from exc
-        except (PoolTimeout, OSError) as exc:
-            raise StoreUnavailable(f"{self._where}: {type(exc).__name__}: {exc}") from exc
-
-    @asynccontextmanager
-    async def _transaction(
-        self, *, write: bool = False, lock: int | None = None
-    ) -> AsyncIterator[AsyncConnection]:
-        async with self._failures(), (self._writer if write else self._engine).begin() as conn:
-            if lock is not None and self._postgres:
-                await conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({lock})")
-            yield conn
 
     def _upsert(self, connection: AsyncConnection, table: Any) -> Any:
         dialect = postgresql if connection.dialect.name == "postgresql" else sqlite

@@ -27,7 +27,7 @@ from collections.abc import AsyncIterator, Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, Self, cast
 
 from sqlalchemy import Connection, delete, event, func, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
@@ -210,16 +210,18 @@ def _roster_item(row: Any) -> RosterItem:
     )
 
 
-class SQLStore:
-    """The shared store; see the module docstring for its rules."""
+class EngineStore:
+    """An engine with the store's rules: connect/upgrade, errors as StoreUnavailable,
+    transactions (writes start with BEGIN IMMEDIATE on SQLite, see _WRITE)."""
 
     def __init__(self, engine: AsyncEngine) -> None:
         self._engine = engine
         self._writer = engine.execution_options(**_WRITE)
         self._where = f"store {engine.url.render_as_string(hide_password=True)}"
+        self._postgres = engine.dialect.name == "postgresql"
 
     @classmethod
-    async def open(cls, url: str, *, create: bool = False) -> SQLStore:
+    async def open(cls, url: str, *, create: bool = False) -> Self:
         """Connect; `create` creates or upgrades the schema, else it must be current.
 
         Raises SchemaMismatch (a StoreUnavailable) when the schema is missing or
@@ -245,6 +247,13 @@ class SQLStore:
             raise
         return store
 
+    @property
+    def engine(self) -> AsyncEngine:
+        return self._engine
+
+    async def close(self) -> None:
+        await self._engine.dispose()
+
     @asynccontextmanager
     async def _failures(self) -> AsyncIterator[None]:
         try:
@@ -256,9 +265,19 @@ class SQLStore:
             raise StoreUnavailable(f"{self._where}: {type(exc).__name__}: {exc}") from exc
 
     @asynccontextmanager
-    async def _transaction(self, *, write: bool = False) -> AsyncIterator[AsyncConnection]:
+    async def _transaction(
+        self, *, write: bool = False, lock: int | None = None
+    ) -> AsyncIterator[AsyncConnection]:
+        """`lock`: a PostgreSQL advisory lock held for the transaction (SQLite's writer
+        lock already serialises writes)."""
         async with self._failures(), (self._writer if write else self._engine).begin() as conn:
+            if lock is not None and self._postgres:
+                await conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({lock})")
             yield conn
+
+
+class SQLStore(EngineStore):
+    """The shared store; see the module docstring for its rules."""
 
     async def _lock_user(self, connection: AsyncConnection, name: str) -> None:
         query = select(users.c.username).where(users.c.username == name).with_for_update()
@@ -551,6 +570,3 @@ class SQLStore:
         """Raise StoreUnavailable unless the store answers."""
         async with self._transaction() as conn:
             await conn.exec_driver_sql("SELECT 1")
-
-    async def close(self) -> None:
-        await self._engine.dispose()
