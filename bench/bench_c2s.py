@@ -105,6 +105,16 @@ class NodeProcess:
                 pass
         return count
 
+    def warnings(self, limit: int = 5) -> dict[str, int]:
+        """The node's WARNING/ERROR log lines, without timestamps and session names, counted."""
+        counts: dict[str, int] = {}
+        for line in self.log_file.read_text(errors="replace").splitlines():
+            if " WARNING " in line or " ERROR " in line:
+                text = re.sub(r"^\S+ \S+ ", "", line)  # the timestamp
+                text = re.sub(r"user[0-9]+@\S+", "<jid>", text)
+                counts[text] = counts.get(text, 0) + 1
+        return dict(sorted(counts.items(), key=lambda item: -item[1])[:limit])
+
     async def snapshot(self) -> Path:
         """A tracemalloc snapshot of a `traced` node (SIGUSR1; see `_traced_node`)."""
         directory = self.log_file.parent
@@ -491,6 +501,7 @@ async def bench_login(
         rss_after = node.rss_kib()
         done = len(clients)
         await close_all(clients.values())
+        node_warnings = node.warnings()
     return {
         "benchmark": "c2s_login",
         "users": users,
@@ -508,6 +519,7 @@ async def bench_login(
         "client_cpu_ms_per_login": round(client_cpu * 1000 / max(done, 1), 3),
         "latency_ms": _percentiles(latencies),
         "server_rss_kib": {"before": rss_before, "after": rss_after},
+        "node_warnings": node_warnings,
         "target_server_cpu_ms_per_login": 3.5,
         "machine": _machine(),
     }
@@ -631,10 +643,12 @@ async def bench_messages(
             output = profile.with_suffix(f".{pairs}{profile.suffix}") if profile else None
             runs.append(await _message_run(bench, pairs, per_sender, window, 15.0, output, native))
             await asyncio.sleep(2.0)  # the closed sessions' cleanup stays out of the next run
+        node_warnings = node.warnings()
     return {
         "benchmark": "c2s_messages",
         "message": "chat to the receiver's bare JID, ~250 bytes as delivered",
         "runs": runs,
+        "node_warnings": node_warnings,
         "target_server_cpu_us_per_message": 120,
         "machine": _machine(),
     }
@@ -695,7 +709,7 @@ async def bench_idle(
             for client in clients.values():
                 if client.closed:
                     reason = client.close_reason
-                    key = reason.condition if reason is not None else "closed"
+                    key = f"{reason.condition}: {reason.text}" if reason is not None else "closed"
                     closed_reasons[key] = closed_reasons.get(key, 0) + 1
             measurements.append(
                 {
@@ -716,8 +730,14 @@ async def bench_idle(
         answered = await _ping_all(list(clients.values()))
         client_rss = _own_rss_kib()
         await close_all(clients.values())
+        node_warnings = node.warnings()
     if traced:  # RSS figures include tracemalloc's own traces: only the Python heap counts
-        return {"benchmark": "c2s_idle_sessions_tracemalloc", "steps": measurements, **memory}
+        return {
+            "benchmark": "c2s_idle_sessions_tracemalloc",
+            "steps": measurements,
+            "node_warnings": node_warnings,
+            **memory,
+        }
     return {
         "benchmark": "c2s_idle_sessions",
         "server_rss_kib_base": rss_base,
@@ -726,6 +746,7 @@ async def bench_idle(
         "pings_answered_at_end": answered,
         "client_processes": 1,
         "client_rss_kib": client_rss,
+        "node_warnings": node_warnings,
         "target_kib_per_session": 40,
         "machine": _machine(),
     }
@@ -745,10 +766,15 @@ def _traced_node(config_file: Path, ready_file: Path) -> None:
     is not comparable (tracemalloc keeps a trace per allocation).
     """
     import gc
+    import logging
     import tracemalloc
 
     from xmpp_ha.config import load_config
     from xmpp_ha.runtime.node import Node
+
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s n1 %(levelname)s %(name)s: %(message)s"
+    )
 
     async def run() -> None:
         node = Node(load_config(config_file))
