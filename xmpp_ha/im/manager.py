@@ -175,8 +175,7 @@ class SessionManager:
         future: asyncio.Future[UserRecord] = asyncio.get_running_loop().create_future()
         self._loading[username] = future
         try:
-            roster = await self.repo.get_roster(username)
-            pending = await self.repo.get_pending_subscriptions(username)
+            roster, pending = await self.repo.load_user(username)
             record = UserRecord(
                 username,
                 self.bare(username),

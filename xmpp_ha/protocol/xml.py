@@ -132,6 +132,7 @@ class XMLStreamParser:
     def reset(self) -> None:
         parser = expat.ParserCreate("UTF-8", "}")
         parser.buffer_text = True
+        parser.buffer_size = 1024  # the 8 KiB default is a third of an idle session's memory
         parser.SetParamEntityParsing(expat.XML_PARAM_ENTITY_PARSING_NEVER)
         parser.XmlDeclHandler = self._on_xml_decl
         parser.StartDoctypeDeclHandler = self._on_doctype

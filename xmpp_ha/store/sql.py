@@ -133,7 +133,9 @@ def create_engine(url: str) -> AsyncEngine:
     """An async engine for `url` (normalized), with the SQLite settings above."""
     url = normalize_url(url)
     if url.startswith("sqlite"):
-        engine = create_async_engine(url, pool_pre_ping=True)
+        # a local file never goes stale: no pre-ping; every use commits or rolls back
+        # itself, so the pool's extra ROLLBACK on return is a wasted thread hand-off
+        engine = create_async_engine(url, pool_reset_on_return=None)
         event.listen(engine.sync_engine, "connect", _sqlite_connect)
         event.listen(engine.sync_engine, "begin", _sqlite_begin)
         return engine
@@ -208,6 +210,22 @@ def _roster_item(row: Any) -> RosterItem:
         approved=bool(row.approved),
         groups=tuple(json.loads(row.groups)),
     )
+
+
+async def _roster_of(conn: AsyncConnection, name: str) -> list[RosterItem]:
+    query = (
+        select(roster_items).where(roster_items.c.owner == name).order_by(roster_items.c.contact)
+    )
+    return [_roster_item(row) for row in await conn.execute(query)]
+
+
+async def _pending_of(conn: AsyncConnection, name: str) -> list[PendingSubscription]:
+    query = (
+        select(pending_subscriptions.c.contact, pending_subscriptions.c.stanza)
+        .where(pending_subscriptions.c.owner == name)
+        .order_by(pending_subscriptions.c.contact)
+    )
+    return [PendingSubscription(row.contact, row.stanza) for row in await conn.execute(query)]
 
 
 class EngineStore:
@@ -384,13 +402,14 @@ class SQLStore(EngineStore):
     # roster (RFC 6121 §2) and subscriptions (§3)
 
     async def get_roster(self, username: str) -> list[RosterItem]:
-        query = (
-            select(roster_items)
-            .where(roster_items.c.owner == username.casefold())
-            .order_by(roster_items.c.contact)
-        )
         async with self._transaction() as conn:
-            return [_roster_item(row) for row in await conn.execute(query)]
+            return await _roster_of(conn, username.casefold())
+
+    async def load_user(self, username: str) -> tuple[list[RosterItem], list[PendingSubscription]]:
+        """What a session needs at login, in one read: the roster and pending requests."""
+        name = username.casefold()
+        async with self._transaction() as conn:
+            return await _roster_of(conn, name), await _pending_of(conn, name)
 
     async def get_roster_item(self, username: str, contact: str) -> RosterItem | None:
         query = select(roster_items).where(
@@ -481,15 +500,8 @@ class SQLStore(EngineStore):
             )
 
     async def get_pending_subscriptions(self, username: str) -> list[PendingSubscription]:
-        query = (
-            select(pending_subscriptions.c.contact, pending_subscriptions.c.stanza)
-            .where(pending_subscriptions.c.owner == username.casefold())
-            .order_by(pending_subscriptions.c.contact)
-        )
         async with self._transaction() as conn:
-            return [
-                PendingSubscription(row.contact, row.stanza) for row in await conn.execute(query)
-            ]
+            return await _pending_of(conn, username.casefold())
 
     # offline messages, oldest first
 
@@ -531,6 +543,10 @@ class SQLStore(EngineStore):
     async def take_offline(self, username: str) -> list[str]:
         """Remove and return the user's queued stanzas, oldest first."""
         name = username.casefold()
+        probe = select(offline_messages.c.id).where(offline_messages.c.username == name).limit(1)
+        async with self._transaction() as conn:  # most logins find nothing: no writer lock
+            if (await conn.execute(probe)).first() is None:
+                return []
         async with self._transaction(write=True) as conn:
             try:
                 await self._lock_user(conn, name)
