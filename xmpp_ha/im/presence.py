@@ -121,6 +121,15 @@ class PresenceService:
                 own.send(readdressed(stanza, str(own.jid)))
         return self._to_subscribers(record, stanza, directed=session.directed)
 
+    async def announce_offline(self, username: str) -> None:
+        """A user whose node died: its subscribers hear 'unavailable' from its bare JID
+        (the resources are unknown here), so nobody keeps a stale presence."""
+        bare = str(self.manager.bare(username))
+        for item in await self.manager.repo.get_roster(username):
+            if item.subscription in _SEES_US:
+                stanza = make_presence(bare, item.contact, "unavailable")
+                await _awaited(self.manager.route(stanza, StanzaHeader.of(stanza)))
+
     async def went_offline(self, session: ClientSession, jid: JID, record: UserRecord) -> None:
         """A session vanished while available: everyone who saw it hears 'unavailable'."""
         stanza = make_presence(str(jid), None, "unavailable")

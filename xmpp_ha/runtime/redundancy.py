@@ -345,7 +345,18 @@ class Redundancy:
         log.info("moved %d users (%s)", len(moved), move.value)
         await self.reload_assignments()
         self._send_peer({"t": "reload"})
+        if move is not Move.GIVE_BACK and self.srm.reason in _PEER_GONE:
+            # the peer died with their sessions: their contacts here must hear they are gone
+            self.manager.spawn(self._announce_offline(moved))
         return True
+
+    async def _announce_offline(self, usernames: list[str]) -> None:
+        for username in usernames:
+            if username not in self.manager.users:  # not already back, logged in here
+                try:
+                    await self.manager.presence.announce_offline(username)
+                except StoreUnavailable as exc:
+                    log.warning("cannot announce %s offline: %s", username, exc)
 
     async def _reset_assignments(self) -> None:
         assert self.peer is not None
@@ -453,6 +464,8 @@ class Redundancy:
             "fenced": self.fenced,
         }
 
+
+_PEER_GONE = frozenset({Reason.PEER_DOWN, Reason.PEER_REBOOT, Reason.PEER_DOWN_DURING_INIT})
 
 # states in which no login is accepted: a move is about to change who serves whom
 _NO_LOGINS = frozenset(

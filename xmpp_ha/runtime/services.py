@@ -17,6 +17,7 @@ The authentication service counts as critical only when the SRM parameter
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -72,11 +73,11 @@ class Services:
     ) -> None:
         switches = manager.switches
 
-        def switch(attribute: str, on_stop: Callable[[], None] | None = None) -> Service:
+        def switch(attribute: str, on_stop: Callable[[], Awaitable[None]] | None = None) -> Service:
             async def stop() -> None:
                 setattr(switches, attribute, False)
                 if on_stop is not None:
-                    on_stop()
+                    await on_stop()
 
             async def start() -> None:
                 setattr(switches, attribute, True)
@@ -84,8 +85,15 @@ class Services:
             return Service(attribute.replace("_", " "), stop, start,
                            lambda: bool(getattr(switches, attribute)))  # fmt: skip
 
-        def end_sessions() -> None:
+        async def end_sessions() -> None:
+            """Sessions end completely (presence withdrawn, messages handed on) before the
+            next service stops: the router is still there for their last broadcasts."""
             manager.close_sessions(StreamCondition.SYSTEM_SHUTDOWN, "session manager stopped")
+            for _ in range(100):
+                if not manager.bound_sessions:
+                    break
+                await asyncio.sleep(0.02)
+            await manager.settle()
 
         listener = Service(CLIENT_LISTENER, c2s.stop, c2s.start, lambda: c2s.listening)
         self.by_name: dict[str, Service] = {
