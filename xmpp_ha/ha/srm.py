@@ -50,6 +50,11 @@ class Event(Enum):
     TRANSITION_TIMEOUT = auto()  # a transition state lasted too long: give up, offer recovery
 
 
+PEER_EVENTS = frozenset(
+    {Event.TAKE_OVER_REQUEST, Event.TAKE_BACK_REQUEST, Event.HAND_OVER_REQUEST,
+     Event.PEER_MOVE_FINISHED, Event.PEER_FAILED, Event.PEER_RECOVER}
+)  # fmt: skip
+
 ADMIN_EVENTS = {
     Event.ADMIN_FAILOVER: Action.FAILOVER,
     Event.ADMIN_FALLBACK: Action.FALLBACK,
@@ -234,6 +239,8 @@ class SRM:
             self.peer_state = trigger.peer_state
         elif trigger.event is Event.PEER_LOST:
             self.peer_alive, self.peer_lost = False, True
+        elif trigger.event in PEER_EVENTS:  # a word from the peer proves it is there
+            self.peer_alive, self.peer_lost = True, False
         handler = _TABLE.get((self.state, trigger.event))
         if handler is None:
             action = ADMIN_EVENTS.get(trigger.event)
