@@ -89,8 +89,8 @@ class Services:
             """Sessions end completely (presence withdrawn, messages handed on) before the
             next service stops: the router is still there for their last broadcasts."""
             manager.close_sessions(StreamCondition.SYSTEM_SHUTDOWN, "session manager stopped")
-            for _ in range(100):
-                if not manager.bound_sessions:
+            for _ in range(100):  # until every connection is gone (at most 2 s)
+                if not manager.connections:
                     break
                 await asyncio.sleep(0.02)
             await manager.settle()
