@@ -205,15 +205,6 @@ async def test_restarts_during_manual_failover_keep_it(pair: HAPair) -> None:
     await alice.wait_session("n1", after=1)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a take-back request that reaches the backup before the restarted node's "
-    "first heartbeat: the backup gives the users back but addresses its MOVE_FINISHED to "
-    "n1's old SRM incarnation (runtime/redundancy.py: `peer_incarnation` is learnt from "
-    "heartbeats only; the take-back signal does not carry the sender's), so n1 drops it as "
-    "'stale' and stays Taking Back (refusing its users' logins) until the transition "
-    "timeout, then Running in Failed Mode/Unknown",
-)
 @pytest.mark.parametrize("stopped_while", ["idle", "normal"])
 async def test_fallback_at_once_after_a_restart(
     store_url: str, tmp_path: Path, stopped_while: str

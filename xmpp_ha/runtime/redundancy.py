@@ -189,6 +189,8 @@ class Redundancy:
             if addressed_to and addressed_to != self.incarnation:
                 log.info("dropping a stale %s signal (for an earlier SRM)", message.get("signal"))
                 return
+            if message.get("from"):  # a signal names its sender: answers reach this SRM
+                self.peer_incarnation = str(message["from"])
             signal = PeerSignal(str(message.get("signal")))
             move = Move(str(message["move"])) if message.get("move") else None
             reason = Reason(str(message.get("reason", Reason.NORMAL.value)))
@@ -294,7 +296,8 @@ class Redundancy:
         if isinstance(effect, SendPeer):
             message: dict[str, Any] = {"t": "signal", "signal": effect.signal.value,
                                        "reason": effect.reason.value, "ok": effect.ok,
-                                       "to": self.peer_incarnation}  # fmt: skip
+                                       "to": self.peer_incarnation,
+                                       "from": self.incarnation}  # fmt: skip
             if effect.move is not None:
                 message["move"] = effect.move.value
             self._send_peer(message)
