@@ -22,7 +22,7 @@ import xml.etree.ElementTree as ET
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from xmpp_ha.core.clock import Clock
 from xmpp_ha.core.errors import StanzaCondition, StanzaError, StreamCondition
@@ -118,7 +118,7 @@ class SessionManager:
         self.users: dict[str, UserRecord] = {}
         self.resumable: dict[str, ClientSession] = {}
         self._loading: dict[str, asyncio.Future[UserRecord]] = {}
-        self._locks: dict[str, asyncio.Lock] = {}
+        self._locks: dict[str, list[Any]] = {}  # username -> [lock, holders and waiters]
         self.roster = RosterService(self)
         self.presence = PresenceService(self)
         self.messages = MessageService(self)
@@ -155,14 +155,16 @@ class SessionManager:
     @asynccontextmanager
     async def user_lock(self, username: str):  # type: ignore[no-untyped-def]
         """Serialises changes to one user's roster across concurrent sessions."""
-        lock = self._locks.get(username)
-        if lock is None:
-            lock = self._locks[username] = asyncio.Lock()
+        entry = self._locks.get(username)
+        if entry is None:
+            entry = self._locks[username] = [asyncio.Lock(), 0]
+        entry[1] += 1  # holders and waiters: the lock is dropped only when none is left
         try:
-            async with lock:
+            async with entry[0]:
                 yield
         finally:
-            if not lock.locked() and self._locks.get(username) is lock:
+            entry[1] -= 1
+            if entry[1] == 0 and self._locks.get(username) is entry:
                 del self._locks[username]
 
     async def _record_for(self, username: str) -> UserRecord:

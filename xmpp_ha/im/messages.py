@@ -66,7 +66,8 @@ class MessageService:
     def outbound(
         self, session: ClientSession, stanza: ET.Element, header: StanzaHeader
     ) -> Awaitable[None] | None:
-        assert session.jid is not None and session.record is not None
+        assert session.jid is not None  # the record is gone once the session ended, but
+        # what the client sent before it went is still routed
         if header.to is None:  # RFC 6120 §10.3.1: addressed to the sender's bare JID
             stanza.set("to", str(session.jid.bare))
             header = replace(header, to=session.jid.bare)
@@ -78,7 +79,7 @@ class MessageService:
                     StanzaCondition.SERVICE_UNAVAILABLE, "the server takes no messages"
                 )
             return None
-        if _carbon_eligible(stanza, header.type):
+        if session.record is not None and _carbon_eligible(stanza, header.type):
             for other in session.record.sessions.values():
                 if other is not session and other.carbons:
                     other.send(_carbon("sent", stanza, session.jid, other.jid or session.jid))

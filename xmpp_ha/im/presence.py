@@ -44,6 +44,8 @@ class PresenceService:
     def outbound(
         self, session: ClientSession, stanza: ET.Element, header: StanzaHeader
     ) -> Awaitable[None] | None:
+        if session.record is None:
+            return None  # the session ended (its unavailable presence went out already)
         if not self.manager.switches.presence_engine:
             raise StanzaError(StanzaCondition.SERVICE_UNAVAILABLE, "presence engine stopped")
         if header.type in SUBSCRIPTION_TYPES:

@@ -60,6 +60,8 @@ class IqService:
         self, session: ClientSession, stanza: ET.Element, header: StanzaHeader
     ) -> Awaitable[None] | None:
         assert session.jid is not None
+        if session.record is None:
+            return None  # the session ended: nobody is left to answer
         to = header.to
         for_server = to is None or (to.domain == self.manager.domain and not to.local)
         for_own_account = to is not None and to == session.jid.bare

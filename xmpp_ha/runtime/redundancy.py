@@ -305,6 +305,7 @@ class Redundancy:
             ok = await self._move(effect.move)
             self.feed(Trigger(Event.MOVE_FINISHED, effect.reason, ok=ok, move=effect.move))
         elif isinstance(effect, StopServices):
+            self._disconnect(lambda username: True)  # clients are pointed at the backup
             await self.services.stop_all()
         elif isinstance(effect, StartServices):
             ok = await self.services.start_all()
