@@ -8,17 +8,14 @@ empty tables, so the server named may be shared.
 from __future__ import annotations
 
 import asyncio
-import os
 import time
-import uuid
-from collections.abc import AsyncIterator, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 from sqlalchemy import Connection, insert, select, update
 from sqlalchemy.engine import make_url
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from xmpp_ha.ha.groups import (
     AssignmentMode,
@@ -42,53 +39,12 @@ from xmpp_ha.store.cluster import (
 )
 from xmpp_ha.store.migrations import STEPS, SchemaMismatch, schema_version, upgrade
 from xmpp_ha.store.repository import NoSuchUser, StoreUnavailable
-from xmpp_ha.store.sql import SQLStore, create_engine, normalize_url
+from xmpp_ha.store.sql import SQLStore, create_engine
 
-PG_URL = os.environ.get("XMPP_HA_TEST_PG_URL")
 BALANCED = AssignmentMode.BALANCED
 ACTIVE_STANDBY = AssignmentMode.ACTIVE_STANDBY
 NONE = AssignmentMode.NONE
 PAIR = ["n1", "n2"]
-
-
-@pytest.fixture(scope="module")
-def pg_database() -> Iterator[str]:
-    """A fresh database on the PostgreSQL server, dropped after the module."""
-    if not PG_URL:
-        pytest.skip("XMPP_HA_TEST_PG_URL is not set")
-    server = make_url(normalize_url(PG_URL))
-    name = f"xmpp_ha_test_{uuid.uuid4().hex[:12]}"
-
-    async def admin(statement: str) -> None:
-        engine = create_async_engine(server, isolation_level="AUTOCOMMIT")
-        try:
-            async with engine.connect() as conn:
-                await conn.exec_driver_sql(statement)
-        finally:
-            await engine.dispose()
-
-    def run(statement: str) -> None:
-        with ThreadPoolExecutor(1) as thread:
-            thread.submit(asyncio.run, admin(statement)).result()
-
-    run(f'CREATE DATABASE "{name}"')
-    yield server.set(database=name).render_as_string(hide_password=False)
-    run(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-async def url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    """An empty store: a new SQLite file, or the module's database with no tables."""
-    if request.param == "sqlite":
-        return f"sqlite+aiosqlite:///{tmp_path / 'store.db'}"
-    database: str = request.getfixturevalue("pg_database")
-    engine = create_engine(database)
-    try:
-        async with engine.begin() as conn:
-            await conn.run_sync(schema.metadata.drop_all)
-    finally:
-        await engine.dispose()
-    return database
 
 
 @pytest.fixture
