@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 import pytest
-from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.unit.srm_pair import FAST, NODES, SERVICES, Pair
@@ -875,19 +875,6 @@ OPERATIONS = st.builds(
 )
 
 
-def triggers_known_defect(pair: Pair, operation: Operation) -> bool:
-    """Operations that run into D1 or D4 (see the xfail tests above) at once."""
-    node = pair.nodes[operation.node]
-    if operation.kind in ("freeze", "cut_link"):  # D4: a node presumed dead comes back
-        return True
-    return (  # D1: fallback before the first heartbeat since the SRM started
-        operation.kind == "admin"
-        and operation.action is Action.FALLBACK
-        and not node.srm.peer_alive
-        and pair.nodes[node.peer].running
-    )
-
-
 def operate(pair: Pair, operation: Operation) -> None:
     """One random operation; ones that make no sense in the pair's situation are skipped."""
     kind, name = operation.kind, operation.node
@@ -977,8 +964,6 @@ SETTINGS = settings(
     database=None,
     suppress_health_check=[HealthCheck.too_slow],
 )
-# An expected failure needs no shrinking (the xfail tests above give the small cases).
-XFAIL_SETTINGS = settings(SETTINGS, phases=[Phase.explicit, Phase.generate])
 PAIRS = st.builds(
     lambda auto_moves, auto_fallback: healthy_pair(
         auto_moves=auto_moves, timing=replace(FAST, auto_fallback=auto_fallback)
@@ -988,30 +973,10 @@ PAIRS = st.builds(
 )
 
 
-KNOWN_DEFECTS = (
-    "fails on the defects D1, D3, D4 and D7 (deterministic xfail tests above); the"
-    " restricted variant below keeps the property for what does not run into them"
-)
-
-
 @SETTINGS
 @given(pair=PAIRS, operations=st.lists(OPERATIONS, max_size=40))
 def test_a_user_is_never_served_by_two_nodes(pair: Pair, operations: list[Operation]) -> None:
     for operation in operations:
-        operate(pair, operation)
-        assert pair.violations == [], (operations, pair.log)
-    heal(pair)
-    assert pair.violations == [], (operations, pair.log)
-
-
-@SETTINGS
-@given(pair=PAIRS, operations=st.lists(OPERATIONS, max_size=40))
-def test_a_user_is_never_served_by_two_nodes_without_pauses_or_partitions(
-    pair: Pair, operations: list[Operation]
-) -> None:
-    for operation in operations:
-        if triggers_known_defect(pair, operation):
-            continue
         operate(pair, operation)
         assert pair.violations == [], (operations, pair.log)
     heal(pair)
