@@ -6,9 +6,9 @@ the row's recommended path to its end, checking who serves the users at each
 step. Property tests drive random operations and check that no user is ever
 served by two nodes and that nothing but ActionNotAllowed is raised.
 
-Defects the simulation found are kept as strict xfail tests named D1..D11 in
-their reasons; each passes once the SRM table is fixed (and must then lose its
-mark).
+Defects the simulation found were named D1..D11; the fixed ones are plain tests
+now. D7 (stale signals to a restarted SRM: fixed in the runtime by SRM
+incarnations, not modelled here), D8 and D11 remain strict xfails.
 """
 
 from __future__ import annotations
