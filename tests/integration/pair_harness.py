@@ -47,6 +47,7 @@ import slixmpp
 from slixmpp import JID, Message, Presence
 from slixmpp.xmlstream import StanzaBase
 
+from tests.integration.clients import Inbox, Match
 from tests.integration.conftest import add_users
 from xmpp_ha.admin.client import AdminAPIError, AdminClient, AdminClientError
 from xmpp_ha.ha.model import Reason, State
@@ -513,9 +514,6 @@ async def running_pair(
 # --- clients --------------------------------------------------------------------------
 
 
-Match = Callable[[StanzaBase], bool]
-
-
 class LoginError(AssertionError):
     """A client did not get a session where and when it should have."""
 
@@ -556,50 +554,24 @@ class PairClient(slixmpp.ClientXMPP):
         self.sessions: list[str] = []  # node of every session started, in order
         self.redirect: str | None = None  # node named by the last see-other-host
         self.roster_items: dict[str, str] = {}  # contact -> subscription, at the last login
-        self._items: list[StanzaBase] = []
-        self._arrived = asyncio.Event()
+        self.inbox = Inbox(self)  # every element received, until a test takes it
         self._attempting = False
         self._closing = False
         self._relogin_task: asyncio.Task[None] | None = None
         self._session_changed = asyncio.Event()
-        self.add_filter("in", self._record)
         self.add_event_handler("stream_error", self._on_stream_error)
         self.add_event_handler("disconnected", self._on_disconnected)
 
     # --- what arrives ------------------------------------------------------------
 
-    def _record(self, stanza: StanzaBase) -> StanzaBase:
-        self._items.append(stanza)
-        self._arrived.set()
-        return stanza
-
     def take(self, match: Match) -> StanzaBase | None:
-        for index, stanza in enumerate(self._items):
-            if match(stanza):
-                return self._items.pop(index)
-        return None
+        return self.inbox.take(match)
 
     def take_all(self, match: Match) -> list[StanzaBase]:
-        taken = [stanza for stanza in self._items if match(stanza)]
-        self._items = [stanza for stanza in self._items if not match(stanza)]
-        return taken
+        return self.inbox.take_all(match)
 
     async def next(self, match: Match, timeout: float = WAIT, what: str = "") -> StanzaBase:
-        deadline = time.monotonic() + timeout
-        while True:
-            found = self.take(match)
-            if found is not None:
-                return found
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                received = "\n  ".join(str(item)[:300] for item in self._items) or "(nothing)"
-                raise AssertionError(
-                    f"{self.boundjid.bare}: timed out after {timeout:g} s waiting for "
-                    f"{what or 'a stanza'}; received and not taken:\n  {received}"
-                )
-            self._arrived.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._arrived.wait(), remaining)
+        return await self.inbox.next(match, timeout, f"{self.boundjid.bare}: {what or 'a stanza'}")
 
     # --- sessions --------------------------------------------------------------------
 
