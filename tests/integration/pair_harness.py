@@ -9,7 +9,8 @@ then drives it the way an administrator and the operating system would:
 - the admin API (`status`, `call`, `wait_states`), blocking calls moved to
   a thread so that clients keep running;
 - the node processes (`kill`, `freeze`, `thaw`, `terminate`, `restart`);
-- the store (`assignments`, `served_by`, `homes`, `offline_count`, `roster`);
+- the store (`assignments`, `served_by`, `homes`, `offline_count`, `wait_offline_count`,
+  `roster`);
 - the node logs (`log`, `transitions`: every SRM state change is logged as
   "SRM n1: <state>/<reason> -> <state>/<reason> on <EVENT>", which is how a
   test sees transition states that last a few milliseconds).
@@ -400,6 +401,15 @@ class HAPair:
             return await store.count_offline(user)
         finally:
             await store.close()
+
+    async def wait_offline_count(self, user: str, expected: int, timeout: float = WAIT) -> None:
+        """Until the store holds `expected` offline messages for `user`: a message is on
+        its way once its sender's next stanza is answered, stored a moment later."""
+        deadline = time.monotonic() + timeout
+        while (count := await self.offline_count(user)) != expected:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{user} has {count} offline messages, not {expected}")
+            await asyncio.sleep(0.05)
 
     async def roster(self, user: str) -> dict[str, str]:
         """The stored roster: contact -> subscription."""

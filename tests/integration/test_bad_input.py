@@ -747,6 +747,14 @@ async def test_connection_slots_are_released_after_every_kind_of_failure(
     await assert_healthy(node)
 
 
+async def wait_offline_count(store: SQLStore, user: str, expected: int) -> None:
+    """Messages are stored a moment after their sender's next stanza is answered."""
+    deadline = time.monotonic() + STEP * 2
+    while await store.count_offline(user) < expected and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    assert await store.count_offline(user) == expected
+
+
 async def test_flood_of_stanzas_is_processed_in_order(node_factory: Any) -> None:
     node = await start_node(node_factory)
     client = await raw_alice(node)
@@ -757,10 +765,10 @@ async def test_flood_of_stanzas_is_processed_in_order(node_factory: Any) -> None
     )
     await client.send(flood + "<iq type='get' id='after-flood'><ping xmlns='urn:xmpp:ping'/></iq>")
     answer = await client.expect("iq", STEP * 2)
-    assert answer.get("id") == "after-flood"
+    assert answer.get("id") == "after-flood"  # answered while the messages are stored
     store = await SQLStore.open(node.store_url)
     try:
-        assert await store.count_offline("carol") == 1 + count
+        await wait_offline_count(store, "carol", 1 + count)
         stored = await store.take_offline("carol")
         bodies = [ET.fromstring(text).findtext("{jabber:client}body") for text in stored]
         assert bodies == ["kept through the attack"] + [f"flood {n}" for n in range(count)]
@@ -794,9 +802,9 @@ async def test_client_that_never_acks_is_cut_off_and_nothing_is_lost(node_factor
     ]
     assert delivered, "bob received nothing before being cut off"
     await assert_stream_still_open(alice)
-    await asyncio.sleep(0.5)  # the node stores what bob never acknowledged
     store = await SQLStore.open(node.store_url)
-    try:
+    try:  # the node stores what bob never acknowledged, and what came after
+        await wait_offline_count(store, "bob", count)
         stored = await store.take_offline("bob")
     finally:
         await store.close()

@@ -125,8 +125,7 @@ async def test_manual_failover_and_fallback(pair: HAPair) -> None:
     await carol.close()
     await carol.wait_offline()
     bob.chat(carol_bare, "while carol is away")
-    await bob.ping_server()
-    assert await pair.offline_count(carol_name) == 1
+    await pair.wait_offline_count(carol_name, 1)
 
     await pair.fallback("n1")
     await pair.wait_states({"n1": NORMAL, "n2": NORMAL})

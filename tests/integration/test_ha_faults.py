@@ -57,8 +57,7 @@ async def test_kill_9_peer_down_offline_messages_restart_and_fallback(pair: HAPa
     assert ("Taking Over", "Peer Down") in pair.entered("n2")
     await pair.wait_served({"n2": set(pair.users)})
     bob.chat(alice_name, "sent after the takeover")
-    await bob.ping_server()
-    assert await pair.offline_count(alice_name) == 2
+    await pair.wait_offline_count(alice_name, 2)
 
     # alice logs in again: n1 is gone, n2 serves her and hands over what waited
     assert await alice.login(None) == "n2"
@@ -192,7 +191,7 @@ async def freeze_and_take_over(pair: HAPair) -> tuple[PairClient, PairClient, Pa
 async def test_sigstop_backup_takes_over_after_the_heartbeat_timeout(pair: HAPair) -> None:
     stale, _moved, _bob = await freeze_and_take_over(pair)
     # the messages for the user on the frozen node wait offline in the shared store
-    assert await pair.offline_count(stale.boundjid.user) == 2
+    await pair.wait_offline_count(stale.boundjid.user, 2)
     again = await pair.login(stale.boundjid.user, node="n2")
     for body in ("before the takeover", "after the takeover"):
         await again.next(is_message(body), what=body)
@@ -265,3 +264,26 @@ async def test_contacts_see_the_failed_over_users_go_offline(pair: HAPair, failu
                    what="alice's unavailable presence")  # fmt: skip
     assert await alice.login(None) == "n2"
     await bob.next(is_presence("available", alice.boundjid.bare), what="alice back on n2")
+
+
+async def test_a_session_answers_while_its_message_waits_for_a_frozen_peer(
+    store_url: str, tmp_path: Path
+) -> None:
+    """A message routed to a silent peer waits for the link's verdict; the sender's
+    session must go on reading and answering meanwhile (its keepalive included),
+    and the message arrives once the peer wakes (before its timeout)."""
+    slow = {"heartbeat_timeout": 30, "initialization_heartbeat_timeout": 30}
+    async with running_pair(store_url, tmp_path / "pair", params=slow) as pair:
+        alice_name = (await pair.users_homed_on("n1"))[0]
+        alice = await pair.login(alice_name, auto_relogin=False)
+        bob = await pair.login((await pair.users_homed_on("n2"))[0])
+        pair.freeze("n1")
+        try:
+            bob.chat(alice_name, "waits for the frozen peer")
+            await bob.ping_server()  # answered though the message before it is still pending
+            # the link's timeout is far away: nothing has been decided about the message yet
+            assert await pair.state("n2") == (State.NORMAL.value, Reason.NORMAL.value)
+        finally:
+            pair.thaw("n1")
+        await alice.next(is_message("waits for the frozen peer", bob.boundjid.bare))
+        assert await pair.offline_count(alice_name) == 0

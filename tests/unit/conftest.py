@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -15,7 +15,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from xmpp_ha.store import schema
-from xmpp_ha.store.sql import create_engine, normalize_url
+from xmpp_ha.store.sql import SQLStore, create_engine, normalize_url
 
 PG_URL = os.environ.get("XMPP_HA_TEST_PG_URL")
 
@@ -59,3 +59,11 @@ async def url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     finally:
         await engine.dispose()
     return database
+
+
+@pytest.fixture
+async def store(url: str) -> AsyncIterator[SQLStore]:
+    """A session store with the current schema on the empty store."""
+    opened = await SQLStore.open(url, create=True)
+    yield opened
+    await opened.close()

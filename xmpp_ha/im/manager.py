@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import xml.etree.ElementTree as ET
+from collections import deque
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -30,7 +31,12 @@ from xmpp_ha.core.jid import JID
 from xmpp_ha.im.hooks import Hooks
 from xmpp_ha.im.throttle import AuthThrottle
 from xmpp_ha.protocol.stanzas import SUBSCRIPTION_TYPES, StanzaHeader, error_reply
-from xmpp_ha.store.repository import PendingSubscription, Repository, RosterItem
+from xmpp_ha.store.repository import (
+    PendingSubscription,
+    Repository,
+    RosterItem,
+    StoreUnavailable,
+)
 
 if TYPE_CHECKING:
     from xmpp_ha.im.session import ClientSession
@@ -48,8 +54,19 @@ class Limits:
     auth_fail_delay: float = 1.0
     auth_fail_delay_max: float = 30.0
     offline_messages_per_user: int = 1000
+    in_transit_per_user: int = 10000  # stanzas on their way to one user without a session here
     max_resources_per_user: int = 10
     max_auth_failures_per_stream: int = 5
+
+
+@dataclass(frozen=True, slots=True)
+class _InTransit:
+    """A stanza for a user without a session here, waiting for its turn."""
+
+    stanza: ET.Element
+    header: StanzaHeader
+    may_forward: bool
+    done: asyncio.Future[None]
 
 
 @dataclass
@@ -118,6 +135,7 @@ class SessionManager:
         self.users: dict[str, UserRecord] = {}
         self.resumable: dict[str, ClientSession] = {}
         self._loading: dict[str, asyncio.Future[UserRecord]] = {}
+        self._in_transit: dict[str, deque[_InTransit]] = {}  # username -> stanzas, oldest first
         self._locks: dict[str, list[Any]] = {}  # username -> [lock, holders and waiters]
         self.roster = RosterService(self)
         self.presence = PresenceService(self)
@@ -253,20 +271,84 @@ class SessionManager:
     def deliver(
         self, stanza: ET.Element, header: StanzaHeader, *, may_forward: bool = True
     ) -> Awaitable[None] | None:
-        """Hand a stanza to the local user it is addressed to (header.to has a localpart)."""
+        """Hand a stanza to the local user it is addressed to (header.to has a localpart).
+
+        A user without a session here gets the stanza through its queue of
+        stanzas in transit (to the peer node, the offline store or the account
+        handler), processed in order by one task, so that nothing waits for
+        the store or the peer link but the stanzas for that one user. The
+        returned awaitable completes when the stanza has been handled; a
+        sender that must not block (a client session) need not await it.
+        """
         assert header.to is not None
-        record = self.users.get(header.to.local)
-        if record is None:
-            return self._deliver_absent(stanza, header, may_forward=may_forward)
+        username = header.to.local
+        queue = self._in_transit.get(username)
+        if queue is None:
+            record = self.users.get(username)
+            if record is not None:
+                return self._deliver_to(record, stanza, header)
+            queue = self._in_transit[username] = deque()
+            self.spawn(self._forward_in_transit(username, queue))
+        elif len(queue) >= self.limits.in_transit_per_user:
+            if header.type not in ("error", "result"):
+                return self.bounce(stanza, StanzaError(
+                    StanzaCondition.RESOURCE_CONSTRAINT, "too many stanzas on their way to this user"
+                ))  # fmt: skip
+            return None
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        queue.append(_InTransit(stanza, header, may_forward, done))
+        return done
+
+    def deliver_here(self, stanza: ET.Element, header: StanzaHeader) -> Awaitable[None] | None:
+        """Deliver on this node only (a stanza another node forwarded here): never forward."""
+        return self.deliver(stanza, header, may_forward=False)
+
+    def _deliver_to(
+        self, record: UserRecord, stanza: ET.Element, header: StanzaHeader
+    ) -> Awaitable[None] | None:
         if header.kind == "message":
             return self.messages.deliver_local(record, stanza, header)
         if header.kind == "presence":
             return self.presence.deliver_local(record, stanza, header)
         return self.iq.deliver_local(record, stanza, header)
 
-    def deliver_here(self, stanza: ET.Element, header: StanzaHeader) -> Awaitable[None] | None:
-        """Deliver on this node only (a stanza another node forwarded here): never forward."""
-        return self.deliver(stanza, header, may_forward=False)
+    async def _forward_in_transit(self, username: str, queue: deque[_InTransit]) -> None:
+        """Handle one user's stanzas in transit, oldest first, until none is left."""
+        try:
+            while queue:
+                item = queue[0]
+                try:
+                    await self._deliver_absent(
+                        item.stanza, item.header, may_forward=item.may_forward
+                    )
+                except Exception as exc:
+                    queue.popleft()
+                    if not item.may_forward:  # the node that forwarded it handles the failure
+                        if not item.done.done():
+                            item.done.set_exception(exc)
+                        continue
+                    if not isinstance(exc, (StoreUnavailable, StanzaError)):
+                        log.error("delivering to %s failed", username, exc_info=exc)
+                    await self._refuse_in_transit(item, exc)
+                else:
+                    queue.popleft()
+                if not item.done.done():
+                    item.done.set_result(None)
+        finally:
+            if self._in_transit.get(username) is queue:
+                del self._in_transit[username]
+            for item in queue:  # only when cancelled (shutdown): tell the waiting senders
+                if not item.done.done():
+                    item.done.cancel()
+
+    async def _refuse_in_transit(self, item: _InTransit, exc: Exception) -> None:
+        if isinstance(exc, StanzaError):
+            error = exc
+        else:
+            log.warning("cannot deliver a %s to %s: %s", item.header.kind, item.header.to, exc)
+            error = StanzaError(StanzaCondition.INTERNAL_SERVER_ERROR, "the store is unavailable")
+        if item.header.type not in ("error", "result"):
+            await _awaited(self.bounce(item.stanza, error))
 
     async def _deliver_absent(
         self, stanza: ET.Element, header: StanzaHeader, *, may_forward: bool
@@ -278,10 +360,9 @@ class SessionManager:
             return
         if header.kind == "presence" and header.type not in SUBSCRIPTION_TYPES:
             return  # presence for someone offline is dropped (RFC 6121 §4.3.2, §4.6.3)
-        if username in self.users:  # the user bound while we asked
-            pending = self.deliver(stanza, header, may_forward=may_forward)
-            if pending is not None:
-                await pending
+        record = self.users.get(username)
+        if record is not None:  # the user bound while we asked
+            await _awaited(self._deliver_to(record, stanza, header))
             return
         if not await self.repo.user_exists(username):
             if header.kind != "presence" and header.type not in ("error", "result"):

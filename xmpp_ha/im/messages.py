@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 
 from xmpp_ha.core.errors import StanzaCondition, StanzaError
 from xmpp_ha.core.jid import JID
+from xmpp_ha.im.offline import OfflineWriter
 from xmpp_ha.protocol import ns
 from xmpp_ha.protocol.stanzas import MESSAGE, StanzaHeader, delay, readdressed
 from xmpp_ha.protocol.xml import serialize
@@ -62,6 +63,7 @@ def utc_stamp() -> str:
 class MessageService:
     def __init__(self, manager: SessionManager) -> None:
         self.manager = manager
+        self.offline = OfflineWriter(manager.repo, manager.limits.offline_messages_per_user)
 
     def outbound(
         self, session: ClientSession, stanza: ET.Element, header: StanzaHeader
@@ -143,11 +145,7 @@ class MessageService:
                 for target in targets:
                     target.send(stanza)
                 return
-            kept = await self.manager.repo.store_offline(
-                username,
-                _stored_text(self._stamped(stanza)),
-                self.manager.limits.offline_messages_per_user,
-            )
+            kept = await self.offline.store(username, _stored_text(self._stamped(stanza)))
         if not kept:
             pending = self.manager.bounce(
                 stanza, StanzaError(StanzaCondition.SERVICE_UNAVAILABLE, "offline storage is full")
@@ -167,8 +165,16 @@ class MessageService:
         assert session.jid is not None
         async with self.manager.user_lock(session.jid.local):
             stored = await self.manager.repo.take_offline(session.jid.local)
-        for text in stored:
-            session.send(ET.fromstring(text))
+            if not stored:
+                return
+            if not session.can_receive:  # gone while we read: they stay stored
+                await self.manager.repo.store_offline_many(
+                    [(session.jid.local, text) for text in stored],
+                    self.manager.limits.offline_messages_per_user,
+                )
+                return
+            for text in stored:
+                session.send(ET.fromstring(text))
 
     async def redeliver(self, jid: JID, messages: list[ET.Element]) -> None:
         """Messages a dead session never acknowledged: to another resource, else offline."""

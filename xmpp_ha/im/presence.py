@@ -54,7 +54,8 @@ class PresenceService:
             if header.type == "available":
                 return self._broadcast_available(session, stanza)
             if header.type == "unavailable":
-                return self._broadcast_unavailable(session, stanza)
+                self._broadcast_unavailable(session, stanza)
+                return None
             raise StanzaError(StanzaCondition.BAD_REQUEST, f"{header.type} presence needs a 'to'")
         if header.type == "probe":
             return self._answer_probe_from_user(session, header.to)
@@ -85,43 +86,37 @@ class PresenceService:
         for own in record.available():
             if own.jid is not None:
                 own.send(readdressed(stanza, str(own.jid)))
-        pending = self._to_subscribers(record, stanza)
+        self._to_subscribers(record, stanza)
         if not initial:
-            return pending
+            return None
         for own in record.available():
             if own is not session and own.presence is not None and own.jid is not None:
                 session.send(readdressed(own.presence, str(session.jid)))
-        return self._initial_extras(session, pending)
+        return self._initial_extras(session)
 
-    async def _initial_extras(
-        self, session: ClientSession, broadcast: Awaitable[None] | None
-    ) -> None:
+    async def _initial_extras(self, session: ClientSession) -> None:
         assert session.jid is not None and session.record is not None
-        if broadcast is not None:
-            await broadcast
         record = session.record
         for contact, item in list(record.roster.items()):
             if item.subscription in _WE_SEE:
                 probe = make_presence(str(session.jid), contact, "probe")
-                await _awaited(self.manager.route(probe, StanzaHeader.of(probe)))
+                self._send_off(self.manager.route(probe, StanzaHeader.of(probe)))
         for request in list(record.pending_in.values()):
             session.send(ET.fromstring(request.stanza))
         if session.priority >= 0:
             await self.manager.messages.flush_offline(session)
 
-    def _broadcast_unavailable(
-        self, session: ClientSession, stanza: ET.Element
-    ) -> Awaitable[None] | None:
+    def _broadcast_unavailable(self, session: ClientSession, stanza: ET.Element) -> None:
         assert session.jid is not None and session.record is not None
         if not session.available:
-            return None
+            return
         session.available = False
         session.presence = None
         record = session.record
         for own in record.sessions.values():
             if (own.available or own is session) and own.jid is not None:
                 own.send(readdressed(stanza, str(own.jid)))
-        return self._to_subscribers(record, stanza, directed=session.directed)
+        self._to_subscribers(record, stanza, directed=session.directed)
 
     async def announce_offline(self, username: str) -> None:
         """A user whose node died: its subscribers hear 'unavailable' from its bare JID
@@ -130,33 +125,35 @@ class PresenceService:
         for item in await self.manager.repo.get_roster(username):
             if item.subscription in _SEES_US:
                 stanza = make_presence(bare, item.contact, "unavailable")
-                await _awaited(self.manager.route(stanza, StanzaHeader.of(stanza)))
+                self._send_off(self.manager.route(stanza, StanzaHeader.of(stanza)))
 
-    async def went_offline(self, session: ClientSession, jid: JID, record: UserRecord) -> None:
+    def went_offline(self, session: ClientSession, jid: JID, record: UserRecord) -> None:
         """A session vanished while available: everyone who saw it hears 'unavailable'."""
         stanza = make_presence(str(jid), None, "unavailable")
         for own in record.available():
             if own.jid is not None:
                 own.send(readdressed(stanza, str(own.jid)))
-        await _awaited(self._to_subscribers(record, stanza, directed=session.directed))
+        self._to_subscribers(record, stanza, directed=session.directed)
         session.directed = set()
 
     def _to_subscribers(
         self, record: UserRecord, stanza: ET.Element, directed: set[str] | None = None
-    ) -> Awaitable[None] | None:
+    ) -> None:
+        """Copies to every subscriber and directed-presence target, sent on their way
+        (each recipient's stanzas keep their order; nobody waits for remote ones)."""
         targets = [
             contact for contact, item in record.roster.items() if item.subscription in _SEES_US
         ]
         if directed:
             targets.extend(directed)
             directed.clear()
-        pending: list[Awaitable[None]] = []
         for target in targets:
             copy = readdressed(stanza, target)
-            step = self.manager.route(copy, StanzaHeader.of(copy))
-            if step is not None:
-                pending.append(step)
-        return _gather(pending)
+            self._send_off(self.manager.route(copy, StanzaHeader.of(copy)))
+
+    def _send_off(self, pending: Awaitable[None] | None) -> None:
+        if pending is not None:
+            self.manager.spawn(pending)
 
     def _answer_probe_from_user(self, session: ClientSession, to: JID) -> Awaitable[None] | None:
         probe = make_presence(str(session.jid), str(to.bare), "probe")
@@ -170,7 +167,8 @@ class PresenceService:
         if header.type in SUBSCRIPTION_TYPES:
             return self.manager.roster.inbound_subscription(record.username, stanza, header)
         if header.type == "probe":
-            return self._answer_probe(record, header)
+            self._answer_probe(record, header)
+            return None
         to = header.to
         assert to is not None
         if to.resource:
@@ -182,21 +180,17 @@ class PresenceService:
             target.send(stanza)
         return None
 
-    def _answer_probe(self, record: UserRecord, header: StanzaHeader) -> Awaitable[None] | None:
+    def _answer_probe(self, record: UserRecord, header: StanzaHeader) -> None:
         """Send each available resource's presence to a subscribed prober (§4.3.2)."""
         item = record.roster.get(str(header.sender.bare))
         if item is None or item.subscription not in _SEES_US:
-            return None
-        pending: list[Awaitable[None]] = []
+            return
         for session in record.available():
             if session.presence is None or session.jid is None:
                 continue
             reply = readdressed(session.presence, str(header.sender))
             reply.set("from", str(session.jid))
-            step = self.manager.route(reply, StanzaHeader.of(reply))
-            if step is not None:
-                pending.append(step)
-        return _gather(pending)
+            self._send_off(self.manager.route(reply, StanzaHeader.of(reply)))
 
     async def deliver_offline(
         self, username: str, stanza: ET.Element, header: StanzaHeader
@@ -204,21 +198,3 @@ class PresenceService:
         if header.type in SUBSCRIPTION_TYPES:
             await self.manager.roster.inbound_subscription(username, stanza, header)
         # other presence to an offline user is dropped (RFC 6121 §4.3.2, §4.6.3)
-
-
-def _gather(pending: list[Awaitable[None]]) -> Awaitable[None] | None:
-    if not pending:
-        return None
-    if len(pending) == 1:
-        return pending[0]
-
-    async def run_all() -> None:
-        for step in pending:
-            await step
-
-    return run_all()
-
-
-async def _awaited(pending: Awaitable[None] | None) -> None:
-    if pending is not None:
-        await pending

@@ -146,13 +146,19 @@ class ClientSession:
                 self._forget_resumption()
                 self.expire_hibernation()
             return
-        if self.stream.closed:
+        if self.stream.closed or (self._closed and self.stream.sm is None):
             self._undelivered.append(stanza)  # handed on when the session terminates
             return
         self.stream.send_stanza(stanza)
         if self.stream.sm is not None and self.stream.sm.overflowed:
             self.stream.fail(StreamCondition.POLICY_VIOLATION, "too many unacknowledged stanzas")
         self.flush()
+
+    @property
+    def can_receive(self) -> bool:
+        """A stanza sent now reaches the client, or is handed on when the session ends
+        (its resumption, another resource, offline storage); False once it ended."""
+        return self.record is not None
 
     def close_stream(self, condition: StreamCondition | None = None, text: str = "") -> None:
         if condition is None:
@@ -234,7 +240,10 @@ class ClientSession:
             header = StanzaHeader.of(stanza)
             if header.kind == "message":
                 pending = self.manager.messages.outbound(self, stanza, header)
-            elif header.kind == "presence":
+                if pending is not None:  # on its way in order; the client reads on meanwhile
+                    self.manager.spawn(self._answering(stanza, pending))
+                return None
+            if header.kind == "presence":
                 pending = self.manager.presence.outbound(self, stanza, header)
             else:
                 pending = self.manager.iq.outbound(self, stanza, header)
@@ -485,7 +494,7 @@ class ClientSession:
         self.record = None
         if self.available:
             self.available = False
-            await self.manager.presence.went_offline(self, jid, record)
+            self.manager.presence.went_offline(self, jid, record)
         unacked = self.stream.sm.unacked() if self.stream.sm is not None else []
         messages = [stanza for stanza in (*unacked, *self._undelivered) if stanza.tag == MESSAGE]
         self._undelivered = []

@@ -88,8 +88,9 @@ class Repository(Protocol):
         """Queue one stanza; False when the user's queue already holds `limit`."""
         ...
 
-    async def store_offline_many(self, items: Sequence[tuple[str, str]], limit: int) -> int:
-        """Queue (username, stanza) pairs in one transaction; returns how many were kept."""
+    async def store_offline_many(self, items: Sequence[tuple[str, str]], limit: int) -> list[bool]:
+        """Queue (username, stanza) pairs in one transaction; says which were kept (the
+        user's queue had room and the user exists)."""
         ...
 
     async def take_offline(self, username: str) -> list[str]:

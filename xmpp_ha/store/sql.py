@@ -560,15 +560,16 @@ class SQLStore(EngineStore):
             await conn.execute(insert(offline_messages).values(username=name, stanza=stanza))
         return True
 
-    async def store_offline_many(self, items: Sequence[tuple[str, str]], limit: int) -> int:
-        """Queue (username, stanza) pairs in one transaction; returns how many were kept.
+    async def store_offline_many(self, items: Sequence[tuple[str, str]], limit: int) -> list[bool]:
+        """Queue (username, stanza) pairs in one transaction; says which were kept.
 
         Each user keeps stanzas in input order until its queue holds `limit`;
-        the rest, and stanzas for unknown users, are dropped.
+        the rest, and stanzas for unknown users, are dropped (False).
         """
-        queued: dict[str, list[str]] = {}
-        for username, stanza in items:
-            queued.setdefault(username.casefold(), []).append(stanza)
+        queued: dict[str, list[int]] = {}  # username -> indexes into items
+        for index, (username, _) in enumerate(items):
+            queued.setdefault(username.casefold(), []).append(index)
+        kept = [False] * len(items)
         rows: list[Row] = []
         async with self._transaction(write=True) as conn:
             for chunk in _chunks(sorted(queued)):  # sorted: a fixed lock order
@@ -579,11 +580,13 @@ class SQLStore(EngineStore):
                     .with_for_update()
                 )
                 for name in present:
-                    room = limit - await self._count_offline(conn, name)
-                    rows += ({"username": name, "stanza": s} for s in queued[name][: max(room, 0)])
+                    room = max(limit - await self._count_offline(conn, name), 0)
+                    for index in queued[name][:room]:
+                        kept[index] = True
+                        rows.append({"username": name, "stanza": items[index][1]})
             if rows:
                 await conn.execute(insert(offline_messages), rows)
-        return len(rows)
+        return kept
 
     async def take_offline(self, username: str) -> list[str]:
         """Remove and return the user's queued stanzas, oldest first."""
