@@ -223,8 +223,12 @@ class Redundancy:
         return self.peer is None or (not self.fenced and not self._lease_stale())
 
     def _lease_stale(self) -> bool:
-        """Our lease may be seen as dead by the peer soon: stop serving a little earlier."""
-        fence_after = self.params.heartbeat_timeout - self.params.heartbeat_interval
+        """Our lease may be seen as dead by the peer soon: stop serving a little earlier.
+
+        The peer takes over no earlier than heartbeat_timeout after it read our last
+        renewal, which started at `last_lease_ok`; we stop half an interval before that.
+        """
+        fence_after = self.params.heartbeat_timeout - self.params.heartbeat_interval / 2
         return self.clock.now() - self.last_lease_ok >= fence_after
 
     async def login_guard(self, username: str) -> LoginRefusal | None:
@@ -404,23 +408,32 @@ class Redundancy:
     # --- loops ---------------------------------------------------------------------
 
     async def _lease_loop(self) -> None:
+        """Renew our lease once per heartbeat interval (at a fixed rate: a slow renewal
+        does not push the next one back) and watch the peer's."""
+        interval = self.params.heartbeat_interval
+        next_at = self.clock.now()
         while True:
-            now = self.clock.now()
+            started = self.clock.now()
             if self.peer is not None and not self.fenced and self._lease_stale():
                 self._fence()  # before renewing: after a freeze, the peer may own our users
             try:
                 await self.cluster.renew_lease(self.node)
-                self.last_lease_ok = self.clock.now()
+                # the peer saw the new counter no earlier than this renewal started
+                self.last_lease_ok = started
                 if self.peer is not None:
                     counter = await self.cluster.read_lease(self.peer.name)
                     if counter != self._peer_lease:
                         self._peer_lease = counter
-                        self.detector.lease_advanced(now)
+                        # read after the peer's commit: its silence counts from now, not
+                        # from before our own (possibly slow) renewal
+                        self.detector.lease_advanced(self.clock.now())
                 if self.fenced:
                     await self._unfence()
             except StoreUnavailable as exc:
-                log.debug("lease renewal failed: %s", exc)
-            await asyncio.sleep(self.params.heartbeat_interval)
+                log.info("lease renewal failed: %s", exc)
+            interval = self.params.heartbeat_interval
+            next_at = max(next_at + interval, self.clock.now() + interval / 10)
+            await asyncio.sleep(next_at - self.clock.now())
 
     def _fence(self) -> None:
         log.warning("SRM %s: own lease is stale: fencing (no user is served here)", self.node)

@@ -660,8 +660,9 @@ class ClusterStore(EngineStore):
     # --- leases ------------------------------------------------------------------
 
     async def renew_lease(self, node: str) -> int:
-        """Bump the node's lease; returns the new counter (1 on the first renewal)."""
-        async with self._transaction(write=True) as conn:
+        """Bump the node's lease; returns the new counter (1 on the first renewal).
+        Urgent: on SQLite it goes before this process's other waiting writers."""
+        async with self._transaction(write=True, urgent=True) as conn:
             statement = self._upsert(conn, leases).values(node=node, counter=1)
             statement = statement.on_conflict_do_update(
                 index_elements=[leases.c.node],

@@ -66,6 +66,7 @@ from xmpp_ha.store.schema import (
     scram_credentials,
     users,
 )
+from xmpp_ha.store.turns import turns_for
 
 __all__ = ["SQLStore", "SchemaMismatch", "create_engine", "normalize_url", "validate_username"]
 
@@ -258,6 +259,12 @@ class EngineStore:
         self._writer = engine.execution_options(**_WRITE)
         self._where = f"store {engine.url.render_as_string(hide_password=True)}"
         self._postgres = engine.dialect.name == "postgresql"
+        database = engine.url.database
+        self._sqlite_file = (
+            str(Path(database).resolve())
+            if engine.dialect.name == "sqlite" and database and database != ":memory:"
+            else None
+        )
 
     @classmethod
     async def open(cls, url: str, *, create: bool = False) -> Self:
@@ -319,10 +326,16 @@ class EngineStore:
 
     @asynccontextmanager
     async def _transaction(
-        self, *, write: bool = False, lock: int | None = None
+        self, *, write: bool = False, lock: int | None = None, urgent: bool = False
     ) -> AsyncIterator[AsyncConnection]:
         """`lock`: a PostgreSQL advisory lock held for the transaction (SQLite's writer
-        lock already serialises writes)."""
+        lock already serialises writes). On SQLite a write first waits for its turn
+        among this process's writers (store/turns.py); `urgent` ones go first."""
+        if write and self._sqlite_file is not None:
+            async with turns_for(self._sqlite_file).turn(urgent=urgent):
+                async with self._failures(), self._writer.begin() as conn:
+                    yield conn
+            return
         async with self._failures(), (self._writer if write else self._engine).begin() as conn:
             if lock is not None and self._postgres:
                 await conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({lock})")
@@ -579,8 +592,15 @@ class SQLStore(EngineStore):
                     .order_by(users.c.username)
                     .with_for_update()
                 )
-                for name in present:
-                    room = max(limit - await self._count_offline(conn, name), 0)
+                names = list(present)
+                counts = await conn.execute(
+                    select(offline_messages.c.username, func.count())
+                    .where(offline_messages.c.username.in_(names))
+                    .group_by(offline_messages.c.username)
+                )
+                held: dict[str, int] = {name: count for name, count in counts}
+                for name in names:
+                    room = max(limit - held.get(name, 0), 0)
                     for index in queued[name][:room]:
                         kept[index] = True
                         rows.append({"username": name, "stanza": items[index][1]})
