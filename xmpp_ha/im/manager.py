@@ -30,7 +30,7 @@ from xmpp_ha.core.errors import StanzaCondition, StanzaError, StreamCondition
 from xmpp_ha.core.jid import JID
 from xmpp_ha.im.hooks import Hooks
 from xmpp_ha.im.throttle import AuthThrottle
-from xmpp_ha.protocol.stanzas import SUBSCRIPTION_TYPES, StanzaHeader, error_reply
+from xmpp_ha.protocol.stanzas import OFFLINE_TYPES, SUBSCRIPTION_TYPES, StanzaHeader, error_reply
 from xmpp_ha.store.repository import (
     PendingSubscription,
     Repository,
@@ -363,6 +363,10 @@ class SessionManager:
         record = self.users.get(username)
         if record is not None:  # the user bound while we asked
             await _awaited(self._deliver_to(record, stanza, header))
+            return
+        if header.kind == "message" and header.type in OFFLINE_TYPES:
+            # stored, or refused when the queue is full or the user does not exist
+            await self.messages.deliver_offline(username, stanza, header)
             return
         if not await self.repo.user_exists(username):
             if header.kind != "presence" and header.type not in ("error", "result"):

@@ -24,7 +24,7 @@ from xmpp_ha.core.errors import StanzaCondition, StanzaError
 from xmpp_ha.core.jid import JID
 from xmpp_ha.im.offline import OfflineWriter
 from xmpp_ha.protocol import ns
-from xmpp_ha.protocol.stanzas import MESSAGE, StanzaHeader, delay, readdressed
+from xmpp_ha.protocol.stanzas import MESSAGE, OFFLINE_TYPES, StanzaHeader, delay, readdressed
 from xmpp_ha.protocol.xml import serialize
 
 if TYPE_CHECKING:
@@ -35,7 +35,6 @@ _BODY = ns.tag(ns.CLIENT, "body")
 _PRIVATE = ns.tag(ns.CARBONS, "private")
 _NO_COPY = ns.tag(ns.HINTS, "no-copy")
 _CARBON_TAGS = frozenset(ns.tag(ns.CARBONS, name) for name in ("sent", "received"))
-_OFFLINE_TYPES = frozenset({"normal", "chat"})
 
 
 def _carbon_eligible(stanza: ET.Element, message_type: str) -> bool:
@@ -100,11 +99,11 @@ class MessageService:
                 return None
             if header.type == "groupchat":
                 return self.manager.bounce(stanza, StanzaError(StanzaCondition.SERVICE_UNAVAILABLE))
-            if header.type not in _OFFLINE_TYPES:
+            if header.type not in OFFLINE_TYPES:
                 return None
         targets = _highest_priority(record)
         if not targets:
-            if header.type in _OFFLINE_TYPES:
+            if header.type in OFFLINE_TYPES:
                 return self.deliver_offline(record.username, stanza, header)
             if header.type == "groupchat":
                 return self.manager.bounce(stanza, StanzaError(StanzaCondition.SERVICE_UNAVAILABLE))
@@ -130,7 +129,7 @@ class MessageService:
     async def deliver_offline(
         self, username: str, stanza: ET.Element, header: StanzaHeader
     ) -> None:
-        if header.type not in _OFFLINE_TYPES:
+        if header.type not in OFFLINE_TYPES:
             if header.type == "groupchat":
                 pending = self.manager.bounce(
                     stanza, StanzaError(StanzaCondition.SERVICE_UNAVAILABLE)
@@ -147,8 +146,10 @@ class MessageService:
                 return
             kept = await self.offline.store(username, _stored_text(self._stamped(stanza)))
         if not kept:
+            full = await self.manager.repo.user_exists(username)  # else: no such user
+            text = "offline storage is full" if full else ""
             pending = self.manager.bounce(
-                stanza, StanzaError(StanzaCondition.SERVICE_UNAVAILABLE, "offline storage is full")
+                stanza, StanzaError(StanzaCondition.SERVICE_UNAVAILABLE, text)
             )
             if pending is not None:
                 await pending
@@ -189,7 +190,7 @@ class MessageService:
             items = [
                 (jid.local, _stored_text(self._stamped(stanza)))
                 for stanza in messages
-                if stanza.get("type", "normal") in _OFFLINE_TYPES
+                if stanza.get("type", "normal") in OFFLINE_TYPES
             ]
             if items:
                 await self.manager.repo.store_offline_many(

@@ -29,6 +29,7 @@ PRESENCE_TYPES = frozenset(
 )  # fmt: skip
 IQ_TYPES = frozenset({"get", "set", "result", "error"})
 SUBSCRIPTION_TYPES = frozenset({"subscribe", "subscribed", "unsubscribe", "unsubscribed"})
+OFFLINE_TYPES = frozenset({"normal", "chat"})  # message types kept for an absent user
 
 
 @dataclass(frozen=True, slots=True)

@@ -418,6 +418,10 @@ class Redundancy:
                 self._fence()  # before renewing: after a freeze, the peer may own our users
             try:
                 await self.cluster.renew_lease(self.node)
+                took = self.clock.now() - started
+                if took > interval / 2:
+                    log.warning("lease renewal took %.2f s (woke %.2f s late)", took,
+                                started - next_at)  # fmt: skip
                 # the peer saw the new counter no earlier than this renewal started
                 self.last_lease_ok = started
                 if self.peer is not None:

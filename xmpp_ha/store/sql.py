@@ -232,6 +232,7 @@ _ROSTER_SQL = (
 )
 _PENDING_SQL = "SELECT contact, stanza FROM pending_subscriptions WHERE owner = ? ORDER BY contact"
 _OFFLINE_PROBE_SQL = "SELECT 1 FROM offline_messages WHERE username = ? LIMIT 1"
+_USER_EXISTS_SQL = "SELECT 1 FROM users WHERE username = ?"
 
 
 async def _roster_of(conn: AsyncConnection, name: str) -> list[RosterItem]:
@@ -332,8 +333,10 @@ class EngineStore:
         lock already serialises writes). On SQLite a write first waits for its turn
         among this process's writers (store/turns.py); `urgent` ones go first."""
         if write and self._sqlite_file is not None:
-            async with turns_for(self._sqlite_file).turn(urgent=urgent):
-                async with self._failures(), self._writer.begin() as conn:
+            # the turn is taken with a pooled connection in hand: a writer waiting for
+            # the pool must not hold up the writers behind it
+            async with self._failures(), self._writer.connect() as conn:
+                async with turns_for(self._sqlite_file).turn(urgent=urgent), conn.begin():
                     yield conn
             return
         async with self._failures(), (self._writer if write else self._engine).begin() as conn:
@@ -382,9 +385,13 @@ class SQLStore(EngineStore):
             await conn.execute(delete(users).where(users.c.username == name))
 
     async def user_exists(self, username: str) -> bool:
-        query = select(users.c.username).where(users.c.username == username.casefold())
-        async with self._transaction() as conn:
-            return (await conn.execute(query)).first() is not None
+        name = username.casefold()
+        found = await self._sqlite_rows(_USER_EXISTS_SQL, (name,))
+        if found is None:
+            query = select(users.c.username).where(users.c.username == name)
+            async with self._transaction() as conn:
+                found = list((await conn.execute(query)).all())
+        return bool(found)
 
     async def list_users(self) -> list[str]:
         async with self._transaction() as conn:
