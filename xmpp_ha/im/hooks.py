@@ -50,6 +50,9 @@ class Hooks:
     route_remote: RemoteRouter | None = None
     # asked before serving a bound session's input: False when this node is fenced
     may_serve: Callable[[], bool] | None = None
+    # told the username after messages were stored offline for it (another node that
+    # serves the user may have flushed its store already: it should look again)
+    offline_stored: list[Callable[[str], None]] = field(default_factory=list)
 
     def add_iq_handler(self, iq_type: str, payload_tag: str, handler: IqHandler) -> None:
         key = (iq_type, payload_tag)

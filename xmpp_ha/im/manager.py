@@ -156,9 +156,13 @@ class SessionManager:
         if not task.cancelled() and task.exception() is not None:
             log.error("background work failed", exc_info=task.exception())
 
-    async def settle(self) -> None:
-        """Wait for background work (session endings, offline writes) to finish."""
-        while self._tasks:
+    async def settle(self, rounds: int = 10) -> None:
+        """Wait for background work (session endings, offline writes) to finish: what
+        runs now, then what that started, for at most `rounds` rounds (stanzas that keep
+        arriving from the peer node keep starting new work)."""
+        for _ in range(rounds):
+            if not self._tasks:
+                return
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
 
     # --- registry -----------------------------------------------------------

@@ -145,6 +145,8 @@ class MessageService:
                     target.send(stanza)
                 return
             kept = await self.offline.store(username, _stored_text(self._stamped(stanza)))
+        if kept:
+            self._stored(username)
         if not kept:
             full = await self.manager.repo.user_exists(username)  # else: no such user
             text = "offline storage is full" if full else ""
@@ -196,6 +198,29 @@ class MessageService:
                 await self.manager.repo.store_offline_many(
                     items, self.manager.limits.offline_messages_per_user
                 )
+                self._stored(jid.local)
+
+    def _stored(self, username: str) -> None:
+        for listener in self.manager.hooks.offline_stored:
+            listener(username)
+
+    async def flush_stored(self, username: str) -> None:
+        """Another node stored messages for this user: hand them to its available
+        sessions here, if it has any (they flushed the store when they became
+        available, possibly just before those messages were written)."""
+        record = self.manager.users.get(username)
+        if record is None or not _highest_priority(record):
+            return
+        async with self.manager.user_lock(username):
+            targets = (
+                _highest_priority(record) if record is self.manager.users.get(username) else []
+            )
+            if not targets:
+                return
+            for text in await self.manager.repo.take_offline(username):
+                stanza = ET.fromstring(text)
+                for target in targets:
+                    target.send(stanza)
 
 
 def _stored_text(stanza: ET.Element) -> str:

@@ -84,6 +84,7 @@ class GroupMember:
         self._tasks: list[asyncio.Task[None]] = []
         self._sync_task: asyncio.Task[None] | None = None
         self._group_key: tuple[object, ...] | None = None
+        self._stored_for: set[str] = set()  # users to tell the peer about (offline stored)
 
     async def start(self) -> None:
         node, config = self.node, self.config
@@ -123,6 +124,7 @@ class GroupMember:
         hooks.may_serve = lambda: self.redundancy is None or self.redundancy.may_serve()
         hooks.login_guard = self._login_guard
         hooks.route_remote = self._route_remote
+        hooks.offline_stored.append(self._offline_stored)
         await self._start_sync_agent()
         self._tasks.append(asyncio.create_task(self._heartbeat_loop()))
         self._tasks.append(asyncio.create_task(self._probe_loop()))
@@ -208,6 +210,9 @@ class GroupMember:
         if message.get("t") == "params":
             asyncio.get_running_loop().create_task(self.reload_params())
             return
+        if message.get("t") == "offline":
+            self._flush_stored(message.get("users"))
+            return
         if self.redundancy is not None:
             self.redundancy.on_peer_message(message)
 
@@ -236,6 +241,30 @@ class GroupMember:
         from xmpp_ha.runtime.admin_api import run_local_action
 
         asyncio.get_running_loop().create_task(run_local_action(self, message))
+
+    # --- offline messages stored on one node for a user the other serves -------------
+
+    def _offline_stored(self, username: str) -> None:
+        """Tell the peer (once per loop iteration, all names at once) whom we stored
+        offline messages for: a user it serves may have read its store just before."""
+        if self.link is None or not self.link.connected:
+            return
+        if not self._stored_for:
+            asyncio.get_running_loop().call_soon(self._send_stored)
+        self._stored_for.add(username)
+
+    def _send_stored(self) -> None:
+        users, self._stored_for = sorted(self._stored_for), set()
+        if self.link is not None:
+            self.link.send_if_connected({"t": "offline", "users": users})
+
+    def _flush_stored(self, users: object) -> None:
+        manager = self.node.manager
+        if manager is None or not isinstance(users, list):
+            return
+        for username in users:
+            if isinstance(username, str) and username in manager.users:
+                manager.spawn(manager.messages.flush_stored(username))
 
     # --- hooks ----------------------------------------------------------------------
 
