@@ -29,6 +29,7 @@ STANZAS_NS = "urn:ietf:params:xml:ns:xmpp-stanzas"
 TLS_NS = "urn:ietf:params:xml:ns:xmpp-tls"
 SASL_NS = "urn:ietf:params:xml:ns:xmpp-sasl"
 BIND_NS = "urn:ietf:params:xml:ns:xmpp-bind"
+DUAL_NS = "urn:xmpp-ha:dual:0"
 CLIENT_NS = "jabber:client"
 
 READ_SIZE = 65536
@@ -87,6 +88,7 @@ class RawClient:
         self.stream_closed = False  # the server sent </stream:stream>
         self.eof = False  # the TCP connection ended
         self.parse_error: str = ""
+        self.features: ET.Element | None = None  # the last stream features (set by bind)
         self._pending: list[ET.Element] = []
         self._new_parser()
 
@@ -270,12 +272,15 @@ class RawClient:
             assert verifier == "v=" + expected.decode(), "server signature does not verify"
         return attempt
 
-    async def bind(self, resource: str = "raw") -> str:
-        """Restart the stream after <success/>, bind; return the full JID."""
-        await self.open_stream()
+    async def bind(self, resource: str = "raw", standby: bool = False) -> str:
+        """Restart the stream after <success/>, bind; return the full JID. `standby`: an
+        inactive session (dual connections); the stream's features are kept in
+        `self.features`."""
+        self.features = await self.open_stream()
+        marker = f"<standby xmlns='{DUAL_NS}'/>" if standby else ""
         await self.send(
             f"<iq type='set' id='bind1'><bind xmlns='{BIND_NS}'>"
-            f"<resource>{resource}</resource></bind></iq>"
+            f"<resource>{resource}</resource>{marker}</bind></iq>"
         )
         result = await self.expect("iq")
         assert result.get("type") == "result", ET.tostring(result)
@@ -284,13 +289,18 @@ class RawClient:
         return jid
 
     async def login(
-        self, ca_file: Path, username: str, password: str, resource: str = "raw"
+        self,
+        ca_file: Path,
+        username: str,
+        password: str,
+        resource: str = "raw",
+        standby: bool = False,
     ) -> str:
         await self.open_stream()
         await self.starttls(ca_file)
         outcome = await self.auth_plain(username, password)
         assert outcome.tag == tag(SASL_NS, "success"), ET.tostring(outcome)
-        return await self.bind(resource)
+        return await self.bind(resource, standby)
 
 
 @dataclass

@@ -12,7 +12,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from xmpp_ha.core.errors import StreamCondition
+from xmpp_ha.core.errors import StanzaError, StreamCondition
 
 if TYPE_CHECKING:
     from xmpp_ha.im.session import ClientSession
@@ -20,6 +20,8 @@ if TYPE_CHECKING:
 SessionListener = Callable[["ClientSession"], None]
 # (session, iq stanza) -> None when answered synchronously, or an awaitable
 IqHandler = Callable[["ClientSession", ET.Element], Awaitable[None] | None]
+# (username) -> None to accept a standby (inactive) session here, or the error to refuse with
+StandbyGuard = Callable[[str], Awaitable["StanzaError | None"]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,9 +45,12 @@ class Hooks:
     session_closed: list[SessionListener] = field(default_factory=list)
     stream_features: list[Callable[[ClientSession], list[ET.Element]]] = field(default_factory=list)
     iq_handlers: dict[tuple[str, str], IqHandler] = field(default_factory=dict)
-    disco_features: list[str] = field(default_factory=list)
+    # features the server's disco#info lists for this session
+    disco_features: list[Callable[[ClientSession], list[str]]] = field(default_factory=list)
     # asked before binding: None to serve the user here, or why not (and where to go)
     login_guard: LoginGuard | None = None
+    # asked for a bind that declares a standby session (dual connections); None: refused
+    standby_guard: StandbyGuard | None = None
     # asked for a local-domain user with no session here: did another node take the stanza?
     route_remote: RemoteRouter | None = None
     # asked before serving a bound session's input: False when this node is fenced

@@ -134,6 +134,8 @@ class SessionManager:
         self.connections: set[ClientSession] = set()
         self.users: dict[str, UserRecord] = {}
         self.resumable: dict[str, ClientSession] = {}
+        # inactive sessions (dual connections): bound, never routed to; username -> resource
+        self.standby: dict[str, dict[str, ClientSession]] = {}
         self._loading: dict[str, asyncio.Future[UserRecord]] = {}
         self._in_transit: dict[str, deque[_InTransit]] = {}  # username -> stanzas, oldest first
         self._locks: dict[str, list[Any]] = {}  # username -> [lock, holders and waiters]
@@ -231,8 +233,32 @@ class SessionManager:
             listener(session)
         return record
 
+    def bind_standby(self, session: ClientSession, jid: JID) -> None:
+        """Register an inactive session; an older one of the same full JID ends (conflict)."""
+        sessions = self.standby.setdefault(jid.local, {})
+        previous = sessions.get(jid.resource)
+        sessions[jid.resource] = session
+        if previous is not None and previous is not session:
+            previous.close_stream(StreamCondition.CONFLICT, "replaced by a new standby session")
+
+    def drop_standby(self, session: ClientSession) -> None:
+        if session.jid is None:
+            return
+        sessions = self.standby.get(session.jid.local)
+        if sessions is not None and sessions.get(session.jid.resource) is session:
+            del sessions[session.jid.resource]
+            if not sessions:
+                del self.standby[session.jid.local]
+
+    @property
+    def standby_sessions(self) -> int:
+        return sum(len(sessions) for sessions in self.standby.values())
+
     def unbind(self, session: ClientSession) -> None:
         """Take a session out of the registry (its presence is handled by the caller)."""
+        if session.standby:
+            self.drop_standby(session)
+            return
         record = session.record
         if record is None or session.jid is None:
             return

@@ -60,7 +60,7 @@ class IqService:
         self, session: ClientSession, stanza: ET.Element, header: StanzaHeader
     ) -> Awaitable[None] | None:
         assert session.jid is not None
-        if session.record is None:
+        if session.record is None and not session.standby:
             return None  # the session ended: nobody is left to answer
         to = header.to
         for_server = to is None or (to.domain == self.manager.domain and not to.local)
@@ -118,7 +118,8 @@ class IqService:
         else:
             ET.SubElement(query, ns.tag(ns.DISCO_INFO, "identity"),
                           {"category": "server", "type": "im", "name": "xmpp-ha"})  # fmt: skip
-            for feature in (*SERVER_FEATURES, *self.manager.hooks.disco_features):
+            extra = [f for provider in self.manager.hooks.disco_features for f in provider(session)]
+            for feature in (*SERVER_FEATURES, *extra):
                 ET.SubElement(query, ns.tag(ns.DISCO_INFO, "feature"), {"var": feature})
         self._reply(session, stanza, query)
 

@@ -21,7 +21,7 @@ from collections import deque
 from collections.abc import Awaitable
 from typing import Protocol
 
-from xmpp_ha.core.errors import StanzaError, StreamCondition
+from xmpp_ha.core.errors import StanzaCondition, StanzaError, StreamCondition
 from xmpp_ha.core.jid import JID, InvalidJID
 from xmpp_ha.im.manager import SessionManager, UserRecord
 from xmpp_ha.protocol import ns, stream
@@ -41,6 +41,9 @@ from xmpp_ha.store.repository import StoreUnavailable
 log = logging.getLogger(__name__)
 
 _BACKLOG_PAUSE = 64  # events waiting before we stop reading from the socket
+_STANDBY_NAMESPACES = frozenset(
+    {ns.PING, ns.DISCO_INFO, ns.DUAL}
+)  # what an inactive session may ask
 
 
 class Transport(Protocol):
@@ -79,6 +82,7 @@ class ClientSession:
         self.carbons = False
         self.resume_token = ""
         self.listed = False  # in the manager's registry, bind announced to hooks
+        self.standby = False  # bound but inactive (dual connections): gets nothing routed
         self.hibernated_until: float | None = None
         self.attributes: dict[str, object] = {}  # per-session data of plug-ins
         self._scram: ScramServer | None = None
@@ -238,6 +242,10 @@ class ClientSession:
     def _on_stanza(self, stanza: ET.Element) -> Awaitable[None] | None:
         try:
             header = StanzaHeader.of(stanza)
+            if self.standby and not self._standby_may_send(stanza, header):
+                raise StanzaError(
+                    StanzaCondition.NOT_ALLOWED, "inactive session: activate it first"
+                )
             if header.kind == "message":
                 pending = self.manager.messages.outbound(self, stanza, header)
                 if pending is not None:  # on its way in order; the client reads on meanwhile
@@ -251,6 +259,17 @@ class ClientSession:
             self._answer_error(stanza, error)
             return None
         return None if pending is None else self._answering(stanza, pending)
+
+    def _standby_may_send(self, stanza: ET.Element, header: StanzaHeader) -> bool:
+        """An inactive session talks to the server only: pings, disco, dual requests."""
+        to = header.to
+        if header.kind != "iq" or (
+            to is not None and (to.local or to.domain != self.manager.domain)
+        ):
+            return False
+        if header.type in ("result", "error"):
+            return True  # answers to the server's pings and pushes
+        return len(stanza) > 0 and ns.namespace_of(stanza[0].tag) in _STANDBY_NAMESPACES
 
     async def _answering(self, stanza: ET.Element, pending: Awaitable[None]) -> None:
         try:
@@ -368,6 +387,9 @@ class ClientSession:
         if not self.manager.switches.session_manager:
             self.stream.bind_failed(event.iq_id, "service-unavailable")
             return
+        if event.standby:
+            await self._bind_standby(event)
+            return
         guard = self.manager.hooks.login_guard
         if guard is not None:
             refusal = await guard(self.stream.username)
@@ -393,9 +415,45 @@ class ClientSession:
             return
         self.stream.bind_succeeded(event.iq_id, jid)
 
+    async def _bind_standby(self, event: stream.BindRequested) -> None:
+        """Bind an inactive session (dual connections), if the HA layer accepts it here."""
+        guard = self.manager.hooks.standby_guard
+        refusal = (
+            StanzaError(StanzaCondition.FEATURE_NOT_IMPLEMENTED, "no dual connections here")
+            if guard is None
+            else await guard(self.stream.username)
+        )
+        try:
+            jid = JID.make(self.stream.username, self.manager.domain, event.resource or
+                           self.manager.new_token(9))  # fmt: skip
+        except InvalidJID:
+            refusal = StanzaError(StanzaCondition.BAD_REQUEST)
+        if refusal is not None:
+            self.stream.bind_failed(event.iq_id, refusal.condition.element_name,
+                                    refusal.error_type, refusal.text)  # fmt: skip
+            return
+        if self._closed:
+            return
+        self.jid = jid
+        self.standby = True
+        self.manager.bind_standby(self, jid)
+        self.stream.bind_succeeded(event.iq_id, jid, standby=True)
+
+    async def activate(self) -> None:
+        """Make this standby session active: it joins the registry and gets what any
+        freshly bound session gets (the client then sends its presence)."""
+        assert self.standby and self.jid is not None
+        self.manager.drop_standby(self)
+        record = await self.manager.bind(self, self.jid)
+        self.standby = False
+        self.record = record
+        if self._closed:  # the connection went while the roster loaded
+            self.manager.unbind(self)
+            self.record = None
+
     def _enable_sm(self, resume: bool) -> None:
         sm = StreamManagement()
-        if resume and self.jid is not None:
+        if resume and self.jid is not None and not self.standby:  # a standby is the fallback
             self.resume_token = self.manager.new_token(18)
             self.manager.resumable[self.resume_token] = self
             timeout = int(self.manager.limits.sm_resume_timeout)
@@ -474,6 +532,9 @@ class ClientSession:
 
     async def _ended(self) -> None:
         """The connection is gone: hibernate for resumption, or terminate."""
+        if self.standby:
+            self.manager.unbind(self)  # nothing was routed to it: nothing to hand on
+            return
         if self.jid is None or self.record is None:
             return
         if self.resume_token and self.manager.resumable.get(self.resume_token) is self:

@@ -211,6 +211,8 @@ class _Connection:
     def connection_lost(self, exc: Exception | None) -> None:
         if self._state is _State.OPEN:
             log.warning("peer link to %s lost: %s", self._link.peer, exc or "closed by the peer")
+            if self._link.current_is(self):
+                self._link.closed_by_peer = True  # EOF or reset: the peer's system closed it
             self._end(abort=True)
         elif self._state is not _State.CLOSED:
             detail = f"{type(exc).__name__}: {exc}" if exc else "closed by the other side"
@@ -503,6 +505,9 @@ class PeerLink:
         self._queue: collections.deque[bytes] = collections.deque()
         self._started = False
         self._stopping = False
+        # the last connection ended by the peer's side (EOF or reset), not by silence or by
+        # us: its process exited or closed it (dual connections take that as evidence)
+        self.closed_by_peer = False
         self._refused = 0
         self._dropped = 0
 
@@ -656,6 +661,7 @@ class PeerLink:
             conn.close()
             return
         old = self._current
+        self.closed_by_peer = False
         if old is not None:
             log.info("peer link to %s: a new authenticated connection replaces %r", self.peer, old)
             old.close()  # detaches: on_disconnected, its routes resolve False
@@ -668,6 +674,9 @@ class PeerLink:
             self.handler.on_connected(conn.version or "")
         except Exception:
             log.exception("peer handler on_connected failed")
+
+    def current_is(self, conn: _Connection) -> bool:
+        return self._current is conn
 
     def detach(self, conn: _Connection) -> None:
         if self._current is not conn:

@@ -19,8 +19,14 @@ HINTS = "urn:xmpp:hints"
 DELAY = "urn:xmpp:delay"
 VERSION = "jabber:iq:version"
 XML = "http://www.w3.org/XML/1998/namespace"
+DUAL = "urn:xmpp-ha:dual:0"  # dual connections (docs/dual-connections.md)
 
 
 def tag(namespace: str, local: str) -> str:
     """The ElementTree name `{namespace}local`."""
     return f"{{{namespace}}}{local}"
+
+
+def namespace_of(name: str) -> str:
+    """The namespace of an ElementTree name (`{namespace}local`), "" when it has none."""
+    return name[1 : name.index("}")] if name.startswith("{") else ""

@@ -49,6 +49,7 @@ _RESPONSE = ns.tag(ns.SASL, "response")
 _ABORT = ns.tag(ns.SASL, "abort")
 _IQ = ns.tag(ns.CLIENT, "iq")
 _BIND = ns.tag(ns.BIND, "bind")
+_STANDBY = ns.tag(ns.DUAL, "standby")
 _SM_ENABLE = ns.tag(ns.SM, "enable")
 _SM_RESUME = ns.tag(ns.SM, "resume")
 _SM_R = ns.tag(ns.SM, "r")
@@ -93,6 +94,7 @@ class SaslAborted:
 class BindRequested:
     iq_id: str
     resource: str  # "" when the client leaves the choice to the server
+    standby: bool = False  # an inactive standby session (<standby xmlns='urn:xmpp-ha:dual:0'/>)
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,6 +175,7 @@ class C2SStream:
         self.jid: JID | None = None  # full JID, set by bind_succeeded
         self.sm: StreamManagement | None = None
         self.lang = "en"
+        self.encrypted = False  # TLS established (every phase from AUTH on requires it)
 
     # --- input ------------------------------------------------------------
 
@@ -209,6 +212,7 @@ class C2SStream:
 
     def tls_established(self) -> None:
         self._require(Phase.TLS_PENDING)
+        self.encrypted = True
         self._restart(Phase.AUTH)
 
     def sasl_challenge(self, data: bytes) -> None:
@@ -228,20 +232,24 @@ class C2SStream:
         self._out.append(f"<failure xmlns='{ns.SASL}'>{inner}</failure>".encode())
         self.phase = Phase.AUTH
 
-    def bind_succeeded(self, iq_id: str, jid: JID) -> None:
+    def bind_succeeded(self, iq_id: str, jid: JID, *, standby: bool = False) -> None:
         self._require(Phase.BIND)
         self.jid = jid
         self.phase = Phase.ESTABLISHED
+        marker = f"<standby xmlns='{ns.DUAL}'/>" if standby else ""
         self._out.append(
             f"<iq type='result' id='{_escape(iq_id)}'><bind xmlns='{ns.BIND}'>"
-            f"<jid>{_escape(str(jid))}</jid></bind></iq>".encode()
+            f"<jid>{_escape(str(jid))}</jid>{marker}</bind></iq>".encode()
         )
 
-    def bind_failed(self, iq_id: str, condition: str, error_type: str = "cancel") -> None:
+    def bind_failed(
+        self, iq_id: str, condition: str, error_type: str = "cancel", text: str = ""
+    ) -> None:
         self._require(Phase.BIND)
+        said = f"<text xmlns='{ns.STANZAS}'>{_escape(text)}</text>" if text else ""
         self._out.append(
             f"<iq type='error' id='{_escape(iq_id)}'><error type='{error_type}'>"
-            f"<{condition} xmlns='{ns.STANZAS}'/></error></iq>".encode()
+            f"<{condition} xmlns='{ns.STANZAS}'/>{said}</error></iq>".encode()
         )
 
     def resumed(self, jid: JID, sm: StreamManagement, previd: str) -> list[ET.Element]:
@@ -427,7 +435,8 @@ class C2SStream:
             self._out.append(f"<iq type='result' id='{_escape(iq_id)}'/>".encode())
             return
         resource = (bind.findtext(ns.tag(ns.BIND, "resource")) or "").strip()
-        events.append(BindRequested(iq_id, resource))
+        standby = bind.find(_STANDBY) is not None
+        events.append(BindRequested(iq_id, resource, standby))
 
     def _sm_enable(self, element: ET.Element, events: list[StreamEvent]) -> None:
         if self.sm is not None:

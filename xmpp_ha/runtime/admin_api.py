@@ -41,20 +41,17 @@ def counters(member: GroupMember) -> dict[str, int]:
     peer = redundancy.peer.name if redundancy is not None and redundancy.peer else None
     active_users = 0
     client_sessions = 0
-    inactive_client = 0
     from_peer = 0
+    inactive_client = manager.standby_sessions
     for record in manager.users.values():
-        live = [s for s in record.sessions.values() if s.hibernated_until is None]
-        standby = [s for s in live if s.attributes.get("standby")]
-        active = len(live) - len(standby)
+        active = sum(1 for s in record.sessions.values() if s.hibernated_until is None)
         client_sessions += active
-        inactive_client += len(standby)
         if active:
             active_users += 1
             if (
                 peer is not None
                 and redundancy is not None
-                and redundancy._home(record.username) == peer
+                and redundancy.home_of(record.username) == peer
             ):
                 from_peer += 1
     composed = sum(1 for s in manager.resumable.values() if s.hibernated_until is not None)

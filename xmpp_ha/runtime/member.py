@@ -23,6 +23,7 @@ from xmpp_ha.im.hooks import LoginRefusal
 from xmpp_ha.net.peer import PeerLink
 from xmpp_ha.net.tls import client_context, server_context
 from xmpp_ha.protocol.stanzas import StanzaHeader
+from xmpp_ha.runtime.dual import DualConnections
 from xmpp_ha.runtime.redundancy import PeerInfo, Redundancy, stanza_payload
 from xmpp_ha.runtime.services import STORE, SYNC_AGENT, Service, Services
 from xmpp_ha.store.cluster import ClusterStore, Group
@@ -85,6 +86,7 @@ class GroupMember:
         self._sync_task: asyncio.Task[None] | None = None
         self._group_key: tuple[object, ...] | None = None
         self._stored_for: set[str] = set()  # users to tell the peer about (offline stored)
+        self.dual = DualConnections(self)
 
     async def start(self) -> None:
         node, config = self.node, self.config
@@ -125,6 +127,7 @@ class GroupMember:
         hooks.login_guard = self._login_guard
         hooks.route_remote = self._route_remote
         hooks.offline_stored.append(self._offline_stored)
+        self.dual.install(hooks)
         await self._start_sync_agent()
         self._tasks.append(asyncio.create_task(self._heartbeat_loop()))
         self._tasks.append(asyncio.create_task(self._probe_loop()))
@@ -166,6 +169,7 @@ class GroupMember:
             manager=node.manager, services=self.services, clock=node.clock, params=self.params,
             send_peer=link.send, peer_connected=lambda: link.connected,
         )  # fmt: skip
+        self.redundancy.on_arrival = self.dual.users_arrived
         await self.redundancy.start(ha_enabled=group is not None and group.ha_enabled)
         log.info("member of group %r (peer %s)", self.group_name or None, peer_name)
 
@@ -212,6 +216,9 @@ class GroupMember:
             return
         if message.get("t") == "offline":
             self._flush_stored(message.get("users"))
+            return
+        if message.get("t") == "dual":
+            self.dual.on_peer_message(message)
             return
         if self.redundancy is not None:
             self.redundancy.on_peer_message(message)

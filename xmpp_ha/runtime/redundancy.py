@@ -124,6 +124,7 @@ class Redundancy:
         self.fenced = False
         self._peer_lease: int | None = None
         self._effects: asyncio.Queue[Effect | Trigger] = asyncio.Queue()
+        self.on_arrival: Callable[[list[str]], None] | None = None  # users now served here
         self._tasks: list[asyncio.Task[None]] = []
 
     # --- life cycle --------------------------------------------------------------
@@ -247,7 +248,7 @@ class Redundancy:
             )
         assignment = await self._assignment(username)
         if assignment is None or assignment.current_node in (None, self.node):
-            if state is State.FALLING_BACK and self._home(username) == self.peer.name:
+            if state is State.FALLING_BACK and self.home_of(username) == self.peer.name:
                 return go_to_peer  # being handed back right now
             return None
         return go_to_peer
@@ -342,7 +343,7 @@ class Redundancy:
             if move is Move.TAKE_OVER:
                 moved = await self.cluster.move_users(peer, self.node)
             elif move is Move.GIVE_BACK:
-                self._disconnect(lambda username: self._home(username) == peer)
+                self._disconnect(lambda username: self.home_of(username) == peer)
                 moved = await self.cluster.give_back(self.node, peer)
             else:
                 moved = await self.cluster.take_all(self.node, [self.node, peer])
@@ -360,7 +361,8 @@ class Redundancy:
 
     async def _announce_offline(self, usernames: list[str]) -> None:
         for username in usernames:
-            if username not in self.manager.users:  # not already back, logged in here
+            if username not in self.manager.users and username not in self.manager.standby:
+                # not already back, logged in here, nor about to be (its standby session)
                 try:
                     await self.manager.presence.announce_offline(username)
                 except StoreUnavailable as exc:
@@ -373,7 +375,7 @@ class Redundancy:
         await self.cluster.set_failed_over(self.group, None, False)
         await self.cluster.set_failed_mode(self.group, False)
 
-    def _home(self, username: str) -> str | None:
+    def home_of(self, username: str) -> str | None:
         assignment = self.assignments.get(username)
         return assignment.home_node if assignment is not None else None
 
@@ -383,12 +385,16 @@ class Redundancy:
         condition = StreamCondition.SEE_OTHER_HOST if peer else StreamCondition.SYSTEM_SHUTDOWN
         other_host = f"{peer.host}:{peer.c2s_port}" if peer else ""
         for session in list(self.manager.connections):
+            if session.standby and not self.fenced:
+                continue  # inactive: kept for the user's next move here
             if session.jid is not None and which(session.jid.local):
                 session.stream.fail(condition, "", other_host)
                 session.flush()
 
     async def reload_assignments(self) -> None:
-        """Refresh the assignment cache, then end sessions of users no longer served here."""
+        """Refresh the assignment cache, then end sessions of users no longer served here
+        and tell `on_arrival` about users served here now."""
+        before = self.assignments
         try:
             self.assignments = await self.cluster.all_assignments()
         except StoreUnavailable as exc:
@@ -396,6 +402,40 @@ class Redundancy:
             return
         if self.peer is not None and self.srm.state is not State.UNKNOWN:
             self._disconnect(self._moved_away)
+            arrived = [
+                username
+                for username, now in self.assignments.items()
+                if now.current_node == self.node
+                and (username not in before or before[username].current_node != self.node)
+            ]
+            if arrived and self.on_arrival is not None:
+                self.on_arrival(arrived)
+
+    async def refresh_assignment(self, username: str) -> Assignment | None:
+        """The user's assignment read from the store now (and cached)."""
+        fresh = await self.cluster.get_assignment(username)
+        if fresh is not None:
+            self.assignments[fresh.username] = fresh
+        return fresh
+
+    async def claim_user(self, username: str, seen: Assignment) -> bool:
+        """Serve one user here if its assignment is still `seen` (a fenced move)."""
+        return await self._move_one(username, seen, self.node)
+
+    async def give_user(self, username: str, seen: Assignment) -> bool:
+        """Hand one user served here to the peer if its assignment is still `seen`."""
+        assert self.peer is not None
+        return await self._move_one(username, seen, self.peer.name)
+
+    async def _move_one(self, username: str, seen: Assignment, to_node: str) -> bool:
+        if not await self.cluster.claim(username, to_node, seen.epoch):
+            return False
+        self.assignments[seen.username] = Assignment(
+            seen.username, seen.home_node, to_node, seen.epoch + 1
+        )
+        if to_node != self.node:
+            self._disconnect(lambda name: name == seen.username)
+        return True
 
     def _moved_away(self, username: str) -> bool:
         assignment = self.assignments.get(username)

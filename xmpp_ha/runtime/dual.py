@@ -1,0 +1,261 @@
+"""Dual connections, the HA side (docs/dual-connections.md, namespace urn:xmpp-ha:dual:0).
+
+The session manager knows inactive (standby) sessions as a kind of session;
+this module decides everything that depends on the redundancy group:
+
+- the feature is offered (stream feature, disco) only with HA on and TLS;
+- a standby session is accepted for a user the peer serves, refused for one
+  served here (the client should bind actively) or while this node is in a
+  transition;
+- the standby plan: the peer's client address and a delay drawn in this node's
+  client re-login window;
+- activation asked by a client: granted when this node serves the user,
+  otherwise after the peer released the user over the peer link (it had no live
+  session of the user and moved the user here in the store), or when the peer
+  link was closed by the peer's system (its process ended), or once the SRM
+  took the users over; every grant follows a fenced move in the store;
+- activation pushed by the server to every standby session of a user that
+  arrives here (take-over, fallback, recovery), so clients switch without
+  noticing the failure themselves;
+- the peer's release requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import random
+import xml.etree.ElementTree as ET
+from typing import TYPE_CHECKING, Any
+
+from xmpp_ha.core.errors import StanzaCondition, StanzaError
+from xmpp_ha.ha.model import State
+from xmpp_ha.protocol import ns
+from xmpp_ha.protocol.stanzas import iq_result
+from xmpp_ha.store.repository import StoreUnavailable
+
+if TYPE_CHECKING:
+    from xmpp_ha.im.hooks import Hooks
+    from xmpp_ha.im.session import ClientSession
+    from xmpp_ha.runtime.member import GroupMember
+    from xmpp_ha.runtime.redundancy import Redundancy
+
+log = logging.getLogger(__name__)
+
+PLAN = ns.tag(ns.DUAL, "plan")
+ACTIVATE = ns.tag(ns.DUAL, "activate")
+FEATURE = ns.tag(ns.DUAL, "dual")
+_NO_STANDBY = frozenset(
+    {State.INITIALIZING, State.FAILING_OVER, State.BACKUP_ACTIVATED, State.TAKING_BACK}
+)
+_RETRY = 0.05  # s between two looks at an activation that cannot be decided yet
+_EXTRA_WAIT = 5.0  # s beyond the heartbeat timeout before an activation gives up
+
+
+class DualConnections:
+    def __init__(self, member: GroupMember) -> None:
+        self.member = member
+        self._release_ids = itertools.count(1)
+        self._releases: dict[int, asyncio.Future[tuple[bool, str]]] = {}
+
+    def install(self, hooks: Hooks) -> None:
+        hooks.stream_features.append(self._stream_features)
+        hooks.disco_features.append(self._disco_features)
+        hooks.standby_guard = self._standby_guard
+        hooks.add_iq_handler("get", PLAN, self._plan)
+        hooks.add_iq_handler("set", ACTIVATE, self._activate)
+
+    # --- what is offered ------------------------------------------------------------
+
+    def _redundancy(self) -> Redundancy | None:
+        redundancy = self.member.redundancy
+        if redundancy is None or redundancy.peer is None or redundancy.srm.state is State.UNKNOWN:
+            return None  # no group, no peer, or HA off
+        return redundancy
+
+    def offered_to(self, session: ClientSession) -> bool:
+        return session.stream.encrypted and self._redundancy() is not None
+
+    def _stream_features(self, session: ClientSession) -> list[ET.Element]:
+        return [ET.Element(FEATURE)] if self.offered_to(session) else []
+
+    def _disco_features(self, session: ClientSession) -> list[str]:
+        return [ns.DUAL] if self.offered_to(session) else []
+
+    async def _standby_guard(self, username: str) -> StanzaError | None:
+        redundancy = self._redundancy()
+        if redundancy is None:
+            return StanzaError(StanzaCondition.FEATURE_NOT_IMPLEMENTED, "HA is off")
+        if not redundancy.may_serve() or redundancy.srm.state in _NO_STANDBY:
+            return StanzaError(
+                StanzaCondition.SERVICE_UNAVAILABLE, "node in a transition: retry later", "wait"
+            )
+        if not redundancy.user_on_peer(username):
+            return StanzaError(StanzaCondition.CONFLICT, "this node serves you")
+        return None
+
+    # --- the plan -----------------------------------------------------------------
+
+    async def _plan(self, session: ClientSession, iq: ET.Element) -> None:
+        redundancy = self._redundancy()
+        if redundancy is None or not session.stream.encrypted:
+            raise StanzaError(StanzaCondition.FEATURE_NOT_IMPLEMENTED, "no dual connections here")
+        if session.standby:
+            raise StanzaError(StanzaCondition.NOT_ALLOWED, "ask your active session")
+        peer = redundancy.peer
+        assert peer is not None and self.member.cluster is not None
+        try:
+            info = await self.member.cluster.get_node(redundancy.node)
+        except StoreUnavailable as exc:
+            raise StanzaError(StanzaCondition.INTERNAL_SERVER_ERROR, "store unavailable") from exc
+        lower, upper = (info.relogin_lower, info.relogin_upper) if info else (120.0, 537.0)
+        plan = ET.Element(PLAN, {
+            "node": peer.name, "host": peer.host, "port": str(peer.c2s_port),
+            "delay": f"{random.uniform(lower, upper):.3f}",
+        })  # fmt: skip
+        session.send(iq_result(iq, plan, sender=self.member.node.config.node.domain))
+
+    # --- activation asked by the client ---------------------------------------------
+
+    async def _activate(self, session: ClientSession, iq: ET.Element) -> None:
+        if not session.standby or session.jid is None:
+            raise StanzaError(StanzaCondition.NOT_ALLOWED, "not a standby session")
+        redundancy = self._redundancy()
+        if redundancy is None:
+            raise StanzaError(StanzaCondition.FEATURE_NOT_IMPLEMENTED, "HA is off")
+        username = session.jid.local
+        await self._take_user(redundancy, username)
+        await self._activate_all(username, answer=(session, iq))
+
+    async def _take_user(self, redundancy: Redundancy, username: str) -> None:
+        """Return once this node serves the user (moved here in the store if needed)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + redundancy.params.heartbeat_timeout + _EXTRA_WAIT
+        while True:
+            if not redundancy.may_serve():
+                raise StanzaError(StanzaCondition.SERVICE_UNAVAILABLE, "node fenced", "wait")
+            try:
+                assignment = await redundancy.refresh_assignment(username)
+            except StoreUnavailable as exc:
+                raise StanzaError(
+                    StanzaCondition.INTERNAL_SERVER_ERROR, "store unavailable"
+                ) from exc
+            if assignment is None:
+                raise StanzaError(StanzaCondition.ITEM_NOT_FOUND, "no assignment for this user")
+            if assignment.current_node == redundancy.node:
+                return
+            link = self.member.link
+            if link is not None and link.connected:
+                released, why = await self._ask_release(username)
+                if released:
+                    continue  # the peer moved the user here: read it back
+                if why == "alive":
+                    peer = redundancy.peer.name if redundancy.peer else "the other node"
+                    raise StanzaError(StanzaCondition.CONFLICT, f"your session on {peer} is alive")
+            elif link is not None and link.closed_by_peer:
+                # the peer's system closed the link (its process ended): take the user alone
+                if await redundancy.claim_user(username, assignment):
+                    log.info("dual: %s taken over from a closed peer", username)
+                    return
+                continue
+            if loop.time() > deadline:
+                raise StanzaError(
+                    StanzaCondition.REMOTE_SERVER_TIMEOUT, "the other node did not answer", "wait"
+                )
+            await asyncio.sleep(_RETRY)  # a silent peer: the SRM takes over after its timeout
+
+    async def _ask_release(self, username: str) -> tuple[bool, str]:
+        link = self.member.link
+        assert link is not None
+        request_id = next(self._release_ids)
+        answer: asyncio.Future[tuple[bool, str]] = asyncio.get_running_loop().create_future()
+        self._releases[request_id] = answer
+        try:
+            if not link.send_if_connected(
+                {"t": "dual", "op": "release", "user": username, "id": request_id}
+            ):
+                return False, "down"
+            timeout = self.member.params.heartbeat_timeout
+            return await asyncio.wait_for(answer, timeout)
+        except TimeoutError:
+            return False, "silent"
+        finally:
+            self._releases.pop(request_id, None)
+
+    async def _activate_all(
+        self, username: str, answer: tuple[ClientSession, ET.Element] | None = None
+    ) -> None:
+        """Every standby session of the user here becomes active: the one that asked gets
+        the result, the others a pushed activation."""
+        manager = self.member.node.manager
+        assert manager is not None
+        domain = self.member.node.config.node.domain
+        for session in list(manager.standby.get(username, {}).values()):
+            await session.activate()
+            if answer is not None and session is answer[0]:
+                session.send(iq_result(answer[1], ET.Element(ACTIVATE), sender=domain))
+            else:
+                push = ET.Element(ns.tag(ns.CLIENT, "iq"), {
+                    "type": "set", "id": "activate-" + manager.new_token(8),
+                    "from": domain, "to": str(session.jid),
+                })  # fmt: skip
+                ET.SubElement(push, ACTIVATE)
+                session.send(push)
+        if answer is not None and answer[0].standby:  # it ended while activating
+            raise StanzaError(StanzaCondition.ITEM_NOT_FOUND, "session gone")
+
+    # --- activation pushed by the server -----------------------------------------------
+
+    def users_arrived(self, usernames: list[str]) -> None:
+        """Users now served here (take-over, fallback, recovery): activate their standbys."""
+        manager = self.member.node.manager
+        if manager is None:
+            return
+        for username in usernames:
+            if username in manager.standby:
+                manager.spawn(self._activate_all(username))
+
+    # --- the peer asks us to release a user --------------------------------------------
+
+    def on_peer_message(self, message: dict[str, Any]) -> None:
+        op = message.get("op")
+        if op == "release" and isinstance(message.get("user"), str):
+            manager = self.member.node.manager
+            assert manager is not None
+            manager.spawn(self._release(str(message["user"]), message.get("id")))
+        elif op == "released":
+            waiting = self._releases.get(message.get("id"))  # type: ignore[arg-type]
+            if waiting is not None and not waiting.done():
+                waiting.set_result((bool(message.get("ok")), str(message.get("why", ""))))
+
+    async def _release(self, username: str, request_id: object) -> None:
+        released, why = await self._hand_over(username)
+        link = self.member.link
+        if link is not None:
+            link.send_if_connected(
+                {"t": "dual", "op": "released", "id": request_id, "ok": released, "why": why}
+            )
+
+    async def _hand_over(self, username: str) -> tuple[bool, str]:
+        """The peer asks for a user whose client lost its session here: move the user to
+        the peer unless a live session of it is still here."""
+        redundancy, manager = self.member.redundancy, self.member.node.manager
+        if redundancy is None or redundancy.peer is None or manager is None:
+            return False, "no group"
+        record = manager.users.get(username)
+        if record is not None and any(s.hibernated_until is None for s in record.sessions.values()):
+            return False, "alive"
+        try:
+            assignment = await redundancy.refresh_assignment(username)
+            if assignment is None or assignment.current_node != redundancy.node:
+                return True, "not here"  # the peer reads the store again
+            if not await redundancy.give_user(username, assignment):
+                return False, "raced"
+        except StoreUnavailable:
+            return False, "store"
+        for token, session in list(manager.resumable.items()):
+            if session.jid is not None and session.jid.local == username:
+                del manager.resumable[token]
+                session.expire_hibernation()  # its unacknowledged messages follow the user
+        return True, "released"
