@@ -62,6 +62,8 @@ _SUCCESS = ns.tag(ns.SASL, "success")
 _SASL_FAILURE = ns.tag(ns.SASL, "failure")
 _BIND = ns.tag(ns.BIND, "bind")
 _SM = ns.tag(ns.SM, "sm")
+_DUAL = ns.tag(ns.DUAL, "dual")
+_DUAL_STANDBY = ns.tag(ns.DUAL, "standby")
 _ENABLED = ns.tag(ns.SM, "enabled")
 _RESUMED = ns.tag(ns.SM, "resumed")
 _SM_FAILED = ns.tag(ns.SM, "failed")
@@ -123,6 +125,8 @@ class SessionStarted:
     sm_enabled: bool
     resume_id: str = ""  # XEP-0198 id to resume this session with, "" if not resumable
     resumed: bool = False  # True: an old session was resumed, nothing was re-bound
+    standby: bool = False  # an inactive standby session (dual connections), as confirmed
+    dual_offered: bool = False  # the server offers dual connections (urn:xmpp-ha:dual:0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -376,6 +380,7 @@ class ClientStream:
         ack_interval: int = 10,
         key_cache: SaltedPasswordCache | None = None,
         max_stanza_bytes: int = 262144,
+        standby: bool = False,
     ) -> None:
         if mechanism not in MECHANISMS:
             raise ValueError(f"unsupported mechanism {mechanism!r}")
@@ -400,6 +405,9 @@ class ClientStream:
         self._ended = False
         self._restarted = False  # the parser was reset while its events were handled
         self._sm_offered = False
+        self.standby = standby  # bind an inactive standby session (dual connections)
+        self.dual_offered = False
+        self._standby_confirmed = False
         self.phase = ClientPhase.IDLE
         self.stream_id = ""  # the server's id for the current stream
         self.jid = ""  # full JID once bound
@@ -684,6 +692,7 @@ class ClientStream:
         if features.find(_BIND) is None:
             raise StreamError(StreamCondition.POLICY_VIOLATION, "the server offers no binding")
         self._sm_offered = features.find(_SM) is not None
+        self.dual_offered = features.find(_DUAL) is not None
         if self._resume is not None and self._sm_offered:
             self._out.append(
                 f"<resume xmlns='{ns.SM}' previd='{_attr(self._resume.resume_id)}' "
@@ -694,10 +703,14 @@ class ClientStream:
         self._bind()
 
     def _bind(self) -> None:
-        bind = f"<bind xmlns='{ns.BIND}'/>"
+        resource = ""
         if self.resource:
-            resource = self.resource.translate(_TEXT_ESCAPES)
-            bind = f"<bind xmlns='{ns.BIND}'><resource>{resource}</resource></bind>"
+            resource = f"<resource>{self.resource.translate(_TEXT_ESCAPES)}</resource>"
+        standby = f"<standby xmlns='{ns.DUAL}'/>" if self.standby else ""
+        inside = resource + standby
+        bind = (
+            f"<bind xmlns='{ns.BIND}'>{inside}</bind>" if inside else f"<bind xmlns='{ns.BIND}'/>"
+        )
         self._out.append(f"<iq type='set' id='bind'>{bind}</iq>".encode())
         self.phase = ClientPhase.BINDING
 
@@ -712,24 +725,29 @@ class ClientStream:
             self._end(events)
             return
         self.jid = jid.strip()
+        self._standby_confirmed = iq.find(f"{_BIND}/{_DUAL_STANDBY}") is not None
         if self.stream_management and self._sm_offered:
             resume = " resume='true'" if self.resumable else ""
             self._out.append(f"<enable xmlns='{ns.SM}'{resume}/>".encode())
             self.phase = ClientPhase.ENABLING
             return
         self.phase = ClientPhase.ESTABLISHED
-        events.append(SessionStarted(self.jid, sm_enabled=False))
+        events.append(self._started(sm_enabled=False))
 
     def _enabled(self, element: ET.Element, events: list[ClientEvent]) -> None:
         self.sm = StreamManagement(ack_interval=self._ack_interval)
         if element.get("resume") in ("true", "1"):
             self.resume_id = element.get("id", "")
         self.phase = ClientPhase.ESTABLISHED
-        events.append(SessionStarted(self.jid, sm_enabled=True, resume_id=self.resume_id))
+        events.append(self._started(sm_enabled=True))
 
     def _enable_failed(self, element: ET.Element, events: list[ClientEvent]) -> None:
         self.phase = ClientPhase.ESTABLISHED
-        events.append(SessionStarted(self.jid, sm_enabled=False))
+        events.append(self._started(sm_enabled=False))
+
+    def _started(self, *, sm_enabled: bool) -> SessionStarted:
+        return SessionStarted(self.jid, sm_enabled=sm_enabled, resume_id=self.resume_id,
+                              standby=self._standby_confirmed, dual_offered=self.dual_offered)  # fmt: skip
 
     def _resumed(self, element: ET.Element, events: list[ClientEvent]) -> None:
         old = self._resume
