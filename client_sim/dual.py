@@ -88,6 +88,7 @@ class Downtime:
     started: float  # when the active session was lost (or the push came)
     ended: float | None = None  # when the first round trip on the new session came back
     pushed: bool = False
+    activated: float | None = None  # when the new session became active
 
     @property
     def seconds(self) -> float | None:
@@ -214,6 +215,7 @@ class DualCore:
         assert self.standby is not None
         if self._switch is None:  # pushed while the old session was fine
             self._switch = Downtime(started=now, pushed=True)
+        self._switch.activated = now
         self.active, self.standby = self.standby, None
         self._last_active = self.active
         self._activating = False

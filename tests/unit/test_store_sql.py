@@ -412,3 +412,16 @@ async def test_two_nodes_see_each_others_writes(store: SQLStore, url: str) -> No
 
 async def test_ping(store: SQLStore) -> None:
     await store.ping()
+
+
+async def test_load_users_matches_load_user_for_each(store: SQLStore) -> None:
+    for name in ("alice", "bob", "carol"):
+        await store.add_user(name, "pw")
+    await store.put_roster_item("alice", RosterItem("bob@localhost", subscription="both"))
+    await store.put_roster_item("alice", RosterItem("carol@localhost", name="C"))
+    await store.add_pending_subscription("bob", PendingSubscription("dave@x", "<presence/>"))
+    names = ["alice", "bob", "carol", "Alice", "nobody"]
+    loaded = await store.load_users(names)
+    assert loaded == [await store.load_user(name) for name in names]
+    assert [len(roster) for roster, _ in loaded] == [2, 0, 0, 2, 0]
+    assert await store.load_users(["bob"]) == [await store.load_user("bob")]

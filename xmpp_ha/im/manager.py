@@ -25,6 +25,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from xmpp_ha.core.batch import Batcher
 from xmpp_ha.core.clock import Clock
 from xmpp_ha.core.errors import StanzaCondition, StanzaError, StreamCondition
 from xmpp_ha.core.jid import JID
@@ -55,6 +56,7 @@ class Limits:
     auth_fail_delay_max: float = 30.0
     offline_messages_per_user: int = 1000
     in_transit_per_user: int = 10000  # stanzas on their way to one user without a session here
+    standby_hold: float = 10.0  # s a message waits for a standby session's activation
     max_resources_per_user: int = 10
     max_auth_failures_per_stream: int = 5
 
@@ -138,6 +140,11 @@ class SessionManager:
         self.standby: dict[str, dict[str, ClientSession]] = {}
         self._loading: dict[str, asyncio.Future[UserRecord]] = {}
         self._in_transit: dict[str, deque[_InTransit]] = {}  # username -> stanzas, oldest first
+        self._available_waiters: dict[str, list[asyncio.Future[None]]] = {}  # _until_available
+        # users bound at one time (a failover's activations, a login storm) load together
+        self._load_user: Batcher[str, tuple[list[RosterItem], list[PendingSubscription]]] = Batcher(
+            repo.load_users
+        )
         self._locks: dict[str, list[Any]] = {}  # username -> [lock, holders and waiters]
         self.roster = RosterService(self)
         self.presence = PresenceService(self)
@@ -191,6 +198,30 @@ class SessionManager:
             if entry[1] == 0 and self._locks.get(username) is entry:
                 del self._locks[username]
 
+    def became_available(self, username: str) -> None:
+        """A session of the user sent its initial presence here."""
+        for waiter in self._available_waiters.pop(username, ()):
+            if not waiter.done():
+                waiter.set_result(None)
+
+    async def _until_available(self, username: str, timeout: float) -> None:
+        """Wait (at most `timeout` s) until a session of the user here is available."""
+        record = self.users.get(username)
+        if record is not None and record.available():
+            return
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        waiters = self._available_waiters.setdefault(username, [])
+        waiters.append(waiter)
+        try:
+            await asyncio.wait_for(waiter, timeout)
+        except TimeoutError:
+            pass
+        finally:
+            if waiter in waiters:
+                waiters.remove(waiter)
+            if not waiters and self._available_waiters.get(username) is waiters:
+                del self._available_waiters[username]
+
     async def _record_for(self, username: str) -> UserRecord:
         record = self.users.get(username)
         if record is not None:
@@ -201,7 +232,7 @@ class SessionManager:
         future: asyncio.Future[UserRecord] = asyncio.get_running_loop().create_future()
         self._loading[username] = future
         try:
-            roster, pending = await self.repo.load_user(username)
+            roster, pending = await self._load_user(username)
             record = UserRecord(
                 username,
                 self.bare(username),
@@ -316,7 +347,7 @@ class SessionManager:
         if queue is None:
             record = self.users.get(username)
             if record is not None:
-                return self._deliver_to(record, stanza, header)
+                return self._deliver_to(record, stanza, header, confirm=not may_forward)
             queue = self._in_transit[username] = deque()
             self.spawn(self._forward_in_transit(username, queue))
         elif len(queue) >= self.limits.in_transit_per_user:
@@ -334,10 +365,12 @@ class SessionManager:
         return self.deliver(stanza, header, may_forward=False)
 
     def _deliver_to(
-        self, record: UserRecord, stanza: ET.Element, header: StanzaHeader
+        self, record: UserRecord, stanza: ET.Element, header: StanzaHeader, *, confirm: bool = False
     ) -> Awaitable[None] | None:
+        """`confirm` (a stanza another node handed over): messages count as delivered once
+        the receiving clients acknowledged them."""
         if header.kind == "message":
-            return self.messages.deliver_local(record, stanza, header)
+            return self.messages.deliver_local(record, stanza, header, confirm=confirm)
         if header.kind == "presence":
             return self.presence.deliver_local(record, stanza, header)
         return self.iq.deliver_local(record, stanza, header)
@@ -390,9 +423,21 @@ class SessionManager:
             return
         if header.kind == "presence" and header.type not in SUBSCRIPTION_TYPES:
             return  # presence for someone offline is dropped (RFC 6121 §4.3.2, §4.6.3)
+        if header.kind == "message" and username in self.standby:
+            # its standby session here is about to be activated (its node is unreachable):
+            # hand the message over then rather than through the offline store, after
+            # what waited there (the login's flush holds the user's lock)
+            await self._until_available(username, self.limits.standby_hold)
+            async with self.user_lock(username):
+                record = self.users.get(username)
+                if record is not None:
+                    await _awaited(
+                        self._deliver_to(record, stanza, header, confirm=not may_forward)
+                    )
+                    return
         record = self.users.get(username)
         if record is not None:  # the user bound while we asked
-            await _awaited(self._deliver_to(record, stanza, header))
+            await _awaited(self._deliver_to(record, stanza, header, confirm=not may_forward))
             return
         if header.kind == "message" and header.type in OFFLINE_TYPES:
             # stored, or refused when the queue is full or the user does not exist

@@ -14,6 +14,7 @@ Rules:
 
 from __future__ import annotations
 
+import asyncio
 import xml.etree.ElementTree as ET
 from collections.abc import Awaitable
 from dataclasses import replace
@@ -87,8 +88,11 @@ class MessageService:
         return self.manager.route(stanza, header)
 
     def deliver_local(
-        self, record: UserRecord, stanza: ET.Element, header: StanzaHeader
+        self, record: UserRecord, stanza: ET.Element, header: StanzaHeader, *, confirm: bool = False
     ) -> Awaitable[None] | None:
+        """Deliver to the user's sessions here. `confirm`: the awaitable completes only once
+        the receiving clients acknowledged it (XEP-0198), for a node that must not forget
+        a stanza another node handed over before the client has it."""
         to = header.to
         assert to is not None
         if to.resource:
@@ -96,7 +100,7 @@ class MessageService:
             if target is not None:
                 target.send(stanza)
                 self._copy_received(record, stanza, header, exclude=(target,))
-                return None
+                return _receipts([target]) if confirm else None
             if header.type == "groupchat":
                 return self.manager.bounce(stanza, StanzaError(StanzaCondition.SERVICE_UNAVAILABLE))
             if header.type not in OFFLINE_TYPES:
@@ -111,7 +115,7 @@ class MessageService:
         for target in targets:
             target.send(stanza)
         self._copy_received(record, stanza, header, exclude=targets)
-        return None
+        return _receipts(targets) if confirm else None
 
     def _copy_received(
         self,
@@ -221,6 +225,20 @@ class MessageService:
                 stanza = ET.fromstring(text)
                 for target in targets:
                     target.send(stanza)
+
+
+def _receipts(targets: list[ClientSession]) -> Awaitable[None] | None:
+    """Completes when every target acknowledged what it was sent (those without stream
+    management cannot: writing to them is all there is)."""
+    pending = [receipt for target in targets if (receipt := target.receipt()) is not None]
+    if not pending:
+        return None
+    return pending[0] if len(pending) == 1 else _every(pending)
+
+
+async def _every(pending: list[asyncio.Future[None]]) -> None:
+    for future in pending:
+        await future
 
 
 def _stored_text(stanza: ET.Element) -> str:

@@ -89,6 +89,7 @@ class PresenceService:
         self._to_subscribers(record, stanza)
         if not initial:
             return None
+        self.manager.became_available(record.username)
         for own in record.available():
             if own is not session and own.presence is not None and own.jid is not None:
                 session.send(readdressed(own.presence, str(session.jid)))

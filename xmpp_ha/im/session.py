@@ -91,6 +91,9 @@ class ClientSession:
         self._auth_failures = 0
         self._backlog: deque[stream.StreamEvent] | None = None
         self._undelivered: list[ET.Element] = []  # sent after the stream closed
+        # receipts asked for (see receipt()): outbound count to cover, future to resolve
+        self._receipts: deque[tuple[int, asyncio.Future[None]]] = deque()
+        self._ack_requested = False
         self._closed = False
         manager.connections.add(self)
 
@@ -105,6 +108,8 @@ class ClientSession:
         self.last_received = self.manager.clock.now()
         self.ping_sent_at = None
         events = self.stream.receive_data(data)
+        if self._receipts:
+            self._settle_receipts()
         if self._backlog is not None:
             self._backlog.extend(events)
             if len(self._backlog) > _BACKLOG_PAUSE:
@@ -157,6 +162,35 @@ class ClientSession:
         if self.stream.sm is not None and self.stream.sm.overflowed:
             self.stream.fail(StreamCondition.POLICY_VIOLATION, "too many unacknowledged stanzas")
         self.flush()
+
+    def receipt(self) -> asyncio.Future[None] | None:
+        """A future resolved once the client acknowledged (XEP-0198) everything sent to it
+        so far, or once this session handed it on (it ended or hibernated); None when
+        nothing will be acknowledged (no stream management)."""
+        sm = self.stream.sm
+        if sm is None or self.hibernated_until is not None or self._closed or self.stream.closed:
+            return None
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._receipts.append((sm.outbound_sent, future))
+        if not self._ack_requested:  # one <r/> for everything sent in this loop iteration
+            self._ack_requested = True
+            asyncio.get_running_loop().call_soon(self._request_ack)
+        return future
+
+    def _request_ack(self) -> None:
+        self._ack_requested = False
+        if self._receipts and not self._closed:
+            self.stream.request_ack()
+            self.flush()
+
+    def _settle_receipts(self, *, all_of_them: bool = False) -> None:
+        sm = self.stream.sm
+        while self._receipts and (
+            all_of_them or (sm is not None and sm.covers(self._receipts[0][0]))
+        ):
+            _, future = self._receipts.popleft()
+            if not future.done():
+                future.set_result(None)
 
     @property
     def can_receive(self) -> bool:
@@ -539,6 +573,7 @@ class ClientSession:
             return
         if self.resume_token and self.manager.resumable.get(self.resume_token) is self:
             self.hibernated_until = self.manager.clock.now() + self.manager.limits.sm_resume_timeout
+            self._settle_receipts(all_of_them=True)  # kept here for resumption: handed on
             return
         await self._terminate()
 
@@ -559,5 +594,8 @@ class ClientSession:
         unacked = self.stream.sm.unacked() if self.stream.sm is not None else []
         messages = [stanza for stanza in (*unacked, *self._undelivered) if stanza.tag == MESSAGE]
         self._undelivered = []
-        if messages:
-            await self.manager.messages.redeliver(jid, messages)
+        try:
+            if messages:
+                await self.manager.messages.redeliver(jid, messages)
+        finally:
+            self._settle_receipts(all_of_them=True)

@@ -113,6 +113,11 @@ class StreamManagement:
         self.should_request_ack = False
         return pending
 
+    def covers(self, sent: int) -> bool:
+        """Whether the client acknowledged the stanza numbered `sent` (an `outbound_sent`
+        value just after it was tracked)."""
+        return ((self._acked - sent) & _MASK) < _MOD // 2
+
     def unacked(self) -> list[ET.Element]:
         """Stanzas sent but not acknowledged, oldest first (for offline storage)."""
         return list(self._queue)

@@ -29,6 +29,7 @@ import random
 import xml.etree.ElementTree as ET
 from typing import TYPE_CHECKING, Any
 
+from xmpp_ha.core.batch import Batcher
 from xmpp_ha.core.errors import StanzaCondition, StanzaError
 from xmpp_ha.ha.model import State
 from xmpp_ha.protocol import ns
@@ -40,6 +41,7 @@ if TYPE_CHECKING:
     from xmpp_ha.im.session import ClientSession
     from xmpp_ha.runtime.member import GroupMember
     from xmpp_ha.runtime.redundancy import Redundancy
+    from xmpp_ha.store.cluster import Assignment
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +60,8 @@ class DualConnections:
         self.member = member
         self._release_ids = itertools.count(1)
         self._releases: dict[int, asyncio.Future[tuple[bool, str]]] = {}
+        # activations that take users from a closed peer at one time share one move
+        self._claim: Batcher[str, bool] = Batcher(self._claim_batch)
 
     def install(self, hooks: Hooks) -> None:
         hooks.stream_features.append(self._stream_features)
@@ -132,38 +136,59 @@ class DualConnections:
         """Return once this node serves the user (moved here in the store if needed)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + redundancy.params.heartbeat_timeout + _EXTRA_WAIT
+        assignment = redundancy.assignments.get(username)
         while True:
             if not redundancy.may_serve():
                 raise StanzaError(StanzaCondition.SERVICE_UNAVAILABLE, "node fenced", "wait")
-            try:
-                assignment = await redundancy.refresh_assignment(username)
-            except StoreUnavailable as exc:
-                raise StanzaError(
-                    StanzaCondition.INTERNAL_SERVER_ERROR, "store unavailable"
-                ) from exc
             if assignment is None:
-                raise StanzaError(StanzaCondition.ITEM_NOT_FOUND, "no assignment for this user")
+                assignment = await self._read_assignment(redundancy, username)
             if assignment.current_node == redundancy.node:
                 return
             link = self.member.link
             if link is not None and link.connected:
                 released, why = await self._ask_release(username)
-                if released:
-                    continue  # the peer moved the user here: read it back
                 if why == "alive":
                     peer = redundancy.peer.name if redundancy.peer else "the other node"
                     raise StanzaError(StanzaCondition.CONFLICT, f"your session on {peer} is alive")
+                if released:
+                    assignment = None  # the peer moved the user here: read it back
+                    continue
             elif link is not None and link.closed_by_peer:
                 # the peer's system closed the link (its process ended): take the user alone
-                if await redundancy.claim_user(username, assignment):
-                    log.info("dual: %s taken over from a closed peer", username)
+                try:
+                    claimed = await self._claim(username)
+                except StoreUnavailable as exc:
+                    raise StanzaError(
+                        StanzaCondition.INTERNAL_SERVER_ERROR, "store unavailable"
+                    ) from exc
+                if claimed:
                     return
+                assignment = None  # not on the peer any more: read where it is
                 continue
             if loop.time() > deadline:
                 raise StanzaError(
                     StanzaCondition.REMOTE_SERVER_TIMEOUT, "the other node did not answer", "wait"
                 )
             await asyncio.sleep(_RETRY)  # a silent peer: the SRM takes over after its timeout
+            assignment = redundancy.assignments.get(username)  # kept fresh by its reloads
+
+    async def _read_assignment(self, redundancy: Redundancy, username: str) -> Assignment:
+        try:
+            assignment = await redundancy.refresh_assignment(username)
+        except StoreUnavailable as exc:
+            raise StanzaError(StanzaCondition.INTERNAL_SERVER_ERROR, "store unavailable") from exc
+        if assignment is None:
+            raise StanzaError(StanzaCondition.ITEM_NOT_FOUND, "no assignment for this user")
+        return assignment
+
+    async def _claim_batch(self, usernames: list[str]) -> list[bool]:
+        """Move users here from the peer whose system closed the link: one fenced move."""
+        redundancy = self.member.redundancy
+        if redundancy is None or redundancy.peer is None:
+            return [False] * len(usernames)
+        moved = set(await redundancy.claim_from_peer(usernames))
+        log.info("dual: %d users taken over from a closed peer", len(moved))
+        return [username in moved for username in usernames]
 
     async def _ask_release(self, username: str) -> tuple[bool, str]:
         link = self.member.link

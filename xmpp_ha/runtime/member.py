@@ -94,6 +94,10 @@ class GroupMember:
         raw_cluster = await ClusterStore.open(config.store.url, create=config.store.create_schema)
         self._raw_cluster = raw_cluster
         cluster = node.gate.wrap(raw_cluster)
+        # the lease proves this node alive: its own connection, never queued behind the
+        # pool's other users (hundreds of activations or moves at once)
+        self._raw_lease_store = await ClusterStore.open(config.store.url, pool_size=1)
+        self.lease_store = node.gate.wrap(self._raw_lease_store)
         self.cluster = cluster
         probe = StoreProbe(node, cluster)
         self.probe = probe
@@ -168,6 +172,7 @@ class GroupMember:
             node_name=config.node.name, group=self.group_name, peer=peer, cluster=cluster,
             manager=node.manager, services=self.services, clock=node.clock, params=self.params,
             send_peer=link.send, peer_connected=lambda: link.connected,
+            lease_store=self.lease_store,
         )  # fmt: skip
         self.redundancy.on_arrival = self.dual.users_arrived
         await self.redundancy.start(ha_enabled=group is not None and group.ha_enabled)
@@ -195,6 +200,7 @@ class GroupMember:
             await self.admin.stop()
         if self.cluster is not None:
             await self._raw_cluster.close()
+            await self._raw_lease_store.close()
 
     # --- peer link handler ------------------------------------------------------
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import logging
+import os
 import secrets
 import signal
 from pathlib import Path
@@ -149,6 +150,9 @@ class Node:
     async def run(self, *, ready_file: Path | None = None) -> None:
         """Serve until SIGINT or SIGTERM."""
         await self.start(create_schema=self.config.store.create_schema)
+        pid_file = self.config.node.data_dir / "pid"  # for tools that signal the node
+        pid_file.parent.mkdir(parents=True, exist_ok=True)
+        pid_file.write_text(f"{os.getpid()}\n")
         if ready_file is not None:
             assert self.c2s is not None
             ready_file.write_text(f"{self.c2s.port}\n")

@@ -103,11 +103,13 @@ class Redundancy:
         params: SRMParams,
         send_peer: Callable[[dict[str, Any]], None],
         peer_connected: Callable[[], bool],
+        lease_store: ClusterStore | None = None,
     ) -> None:
         self.node = node_name
         self.group = group
         self.peer = peer
         self.cluster = cluster
+        self.lease_store = lease_store or cluster  # renews and reads the leases
         self.manager = manager
         self.services = services
         self.clock = clock
@@ -422,6 +424,17 @@ class Redundancy:
         """Serve one user here if its assignment is still `seen` (a fenced move)."""
         return await self._move_one(username, seen, self.node)
 
+    async def claim_from_peer(self, usernames: list[str]) -> list[str]:
+        """Serve these users here where the peer serves them now (one fenced move)."""
+        assert self.peer is not None
+        moved = await self.cluster.claim_users(usernames, self.peer.name, self.node)
+        for username in moved:
+            old = self.assignments.get(username)
+            self.assignments[username] = Assignment(
+                username, old.home_node if old else None, self.node, (old.epoch if old else 0) + 1
+            )
+        return moved
+
     async def give_user(self, username: str, seen: Assignment) -> bool:
         """Hand one user served here to the peer if its assignment is still `seen`."""
         assert self.peer is not None
@@ -457,7 +470,7 @@ class Redundancy:
             if self.peer is not None and not self.fenced and self._lease_stale():
                 self._fence()  # before renewing: after a freeze, the peer may own our users
             try:
-                await self.cluster.renew_lease(self.node)
+                await self.lease_store.renew_lease(self.node)
                 took = self.clock.now() - started
                 if took > interval / 2:
                     log.warning("lease renewal took %.2f s (woke %.2f s late)", took,
@@ -465,7 +478,7 @@ class Redundancy:
                 # the peer saw the new counter no earlier than this renewal started
                 self.last_lease_ok = started
                 if self.peer is not None:
-                    counter = await self.cluster.read_lease(self.peer.name)
+                    counter = await self.lease_store.read_lease(self.peer.name)
                     if counter != self._peer_lease:
                         self._peer_lease = counter
                         # read after the peer's commit: its silence counts from now, not

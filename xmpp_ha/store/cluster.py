@@ -644,6 +644,17 @@ class ClusterStore(EngineStore):
         )
         return await self._move(where, assignments.c.home_node)
 
+    async def claim_users(
+        self, usernames: Sequence[str], from_node: str, to_node: str
+    ) -> list[str]:
+        """Serve these users on `to_node` where `from_node` serves them now (one fenced
+        move, one transaction); returns the users moved."""
+        names = sorted({name.casefold() for name in usernames})
+        if not names or from_node == to_node:
+            return []
+        where = and_(assignments.c.username.in_(names), assignments.c.current_node == from_node)
+        return await self._move(where, to_node)
+
     async def claim(self, username: str, node: str, expected_epoch: int) -> bool:
         """Serve the user on `node` if its epoch is still `expected_epoch` (then epoch + 1)."""
         statement = (

@@ -131,18 +131,20 @@ def _sqlite_begin(connection: Connection) -> None:
     connection.exec_driver_sql(connection.get_execution_options().get(BEGIN_OPTION, "BEGIN"))
 
 
-def create_engine(url: str) -> AsyncEngine:
-    """An async engine for `url` (normalized), with the SQLite settings above."""
+def create_engine(url: str, *, pool_size: int | None = None) -> AsyncEngine:
+    """An async engine for `url` (normalized), with the SQLite settings above.
+    `pool_size`: connections kept (SQLAlchemy's default otherwise), none beyond."""
     url = normalize_url(url)
+    pool: dict[str, Any] = {} if pool_size is None else {"pool_size": pool_size, "max_overflow": 0}
     if url.startswith("sqlite"):
         # a local file never goes stale: no pre-ping; every use commits or rolls back
         # itself, so the pool's extra ROLLBACK on return is a wasted thread hand-off
-        engine = create_async_engine(url, pool_reset_on_return=None)
+        engine = create_async_engine(url, pool_reset_on_return=None, **pool)
         event.listen(engine.sync_engine, "connect", _sqlite_connect)
         event.listen(engine.sync_engine, "begin", _sqlite_begin)
         return engine
     return create_async_engine(
-        url, pool_pre_ping=True, connect_args={"timeout": PG_CONNECT_TIMEOUT_S}
+        url, pool_pre_ping=True, connect_args={"timeout": PG_CONNECT_TIMEOUT_S}, **pool
     )
 
 
@@ -268,13 +270,14 @@ class EngineStore:
         )
 
     @classmethod
-    async def open(cls, url: str, *, create: bool = False) -> Self:
+    async def open(cls, url: str, *, create: bool = False, pool_size: int | None = None) -> Self:
         """Connect; `create` creates or upgrades the schema, else it must be current.
+        `pool_size`: see `create_engine`.
 
         Raises SchemaMismatch (a StoreUnavailable) when the schema is missing or
         at another version, StoreUnavailable when the store cannot be reached.
         """
-        engine = create_engine(url)
+        engine = create_engine(url, pool_size=pool_size)
         store = cls(engine)
         try:
             database = engine.url.database or ":memory:"
@@ -475,6 +478,33 @@ class SQLStore(EngineStore):
             return roster, [PendingSubscription(*row) for row in pending_rows]
         async with self._transaction() as conn:
             return await _roster_of(conn, name), await _pending_of(conn, name)
+
+    async def load_users(
+        self, usernames: Sequence[str]
+    ) -> list[tuple[list[RosterItem], list[PendingSubscription]]]:
+        """`load_user` for many users at once (a login storm, a failover): two reads."""
+        if len(usernames) == 1:
+            return [await self.load_user(usernames[0])]
+        names = [username.casefold() for username in usernames]
+        rosters: dict[str, list[RosterItem]] = {name: [] for name in names}
+        pending: dict[str, list[PendingSubscription]] = {name: [] for name in names}
+        async with self._transaction() as conn:
+            for chunk in _chunks(sorted(rosters)):
+                query = (
+                    select(roster_items)
+                    .where(roster_items.c.owner.in_(chunk))
+                    .order_by(roster_items.c.owner, roster_items.c.contact)
+                )
+                for row in await conn.execute(query):
+                    rosters[row.owner].append(_roster_item(row))
+                requests = (
+                    select(pending_subscriptions)
+                    .where(pending_subscriptions.c.owner.in_(chunk))
+                    .order_by(pending_subscriptions.c.owner, pending_subscriptions.c.contact)
+                )
+                for row in await conn.execute(requests):
+                    pending[row.owner].append(PendingSubscription(row.contact, row.stanza))
+        return [(list(rosters[name]), list(pending[name])) for name in names]
 
     async def get_roster_item(self, username: str, contact: str) -> RosterItem | None:
         query = select(roster_items).where(

@@ -1,0 +1,218 @@
+"""`python -m client_sim bench`: dual-connected users against a pair from `xmpp-ha up`.
+
+    xmpp-ha up --users 1000 &            # the pair, in .xmpp-ha-pair
+    python -m client_sim bench --users 1000 --scenario kill
+
+Every account user0..user{N-1} logs in on the node that serves it, with a
+standby session on the other node (the nodes' client re-login limits are set to
+`--standby-delay` first, so that standby sessions open within seconds). Users
+served by the second node send chat messages to those of the first all along.
+After `--steady` seconds the first node fails:
+- kill:   SIGKILL (its pid from DIR/n1/pid);
+- freeze: SIGSTOP, then SIGCONT once every user switched (or the deadline);
+- manual: `POST /nodes/n1/failover` on its admin API.
+The pair is left failed over: restart or fall back before the next run.
+
+Downtime per user of the failed node: from losing its active session (or the
+server's activation push) to the first message round trip on the new one.
+Messages: lost = sent - distinct received after `--drain` s without a new one;
+duplicated = copies the clients dropped (same sender and id). Prints one JSON
+object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import os
+import random
+import signal
+import ssl
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from client_sim.aio_dual import AioDualClient
+from client_sim.xmpp import MessageReceived, SaltedPasswordCache
+from xmpp_ha.admin.client import AdminClient
+from xmpp_ha.runtime.pair import PairLayout
+from xmpp_ha.store.cluster import ClusterStore
+
+
+def stats(values: Sequence[float]) -> dict[str, float] | None:
+    """Nearest-rank percentiles, in seconds."""
+    if not values:
+        return None
+    ordered = sorted(values)
+
+    def rank(fraction: float) -> float:
+        return round(ordered[max(0, math.ceil(fraction * len(ordered)) - 1)], 4)
+
+    return {"min": round(ordered[0], 4), "p50": rank(0.5), "p99": rank(0.99),
+            "max": round(ordered[-1], 4), "n": len(ordered)}  # fmt: skip
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.layout = PairLayout.load(Path(args.dir))
+        self.nodes = {n.name: (n.host, n.c2s_port) for n in self.layout.nodes}
+        self.failed, self.other = self.layout.nodes[0].name, self.layout.nodes[1].name
+        self.sent: set[str] = set()
+        self.received: set[str] = set()
+        self.last_arrival = time.monotonic()
+        self.rng = random.Random(args.seed)
+
+    def on_message(self, event: MessageReceived) -> None:
+        if event.id.startswith("b-"):
+            self.received.add(event.id)
+            self.last_arrival = time.monotonic()
+
+    async def prepare(self) -> dict[str, str]:
+        """Standby delays in seconds, and where each user is served now."""
+        cluster = await ClusterStore.open(self.layout.store_url)
+        try:
+            low, high = self.args.standby_delay
+            for name in self.nodes:
+                await cluster.set_relogin_limits(name, low, high)
+            assignments = await cluster.all_assignments()
+        finally:
+            await cluster.close()
+        users = [f"user{i}" for i in range(self.args.users)]
+        return {u: assignments[u].current_node or self.failed for u in users if u in assignments}
+
+    async def chat(self, sender: AioDualClient, to: str, stop: asyncio.Event) -> None:
+        low, high = self.args.interval
+        count = 0
+        while not stop.is_set():
+            await asyncio.sleep(self.rng.uniform(low, high))
+            count += 1
+            message_id = f"b-{sender.jid.partition('@')[0]}-{count}"
+            self.sent.add(message_id)
+            sender.send_message(to, "bench", id=message_id)
+
+    def inject(self) -> None:
+        if self.args.scenario == "manual":
+            token = Path(self.layout.token_file).read_text().strip()
+            node = self.layout.node(self.failed)
+            admin = AdminClient(node.host, node.admin_port, token=token)
+            admin.post(AdminClient.path("nodes", self.failed, "failover"))
+            return
+        pid = int((Path(self.layout.directory) / self.failed / "pid").read_text())
+        os.kill(pid, signal.SIGKILL if self.args.scenario == "kill" else signal.SIGSTOP)
+
+    async def run(self) -> dict[str, Any]:
+        args = self.args
+        served = await self.prepare()
+        context = ssl.create_default_context(cafile=self.layout.ca_file)
+        cache = SaltedPasswordCache()
+        clients = {
+            user: AioDualClient(
+                f"{user}@{self.layout.domain}",
+                args.password,
+                self.nodes,
+                home=node,
+                ssl_context=context,
+                key_cache=cache,
+                on_message=self.on_message,
+            )  # fmt: skip
+            for user, node in served.items()
+        }
+        gate = asyncio.Semaphore(args.concurrency)
+
+        async def start(client: AioDualClient) -> None:
+            async with gate:
+                await client.start()
+
+        started = time.monotonic()
+        await asyncio.gather(*(start(c) for c in clients.values()))
+        deadline = time.monotonic() + 120
+        while not all(c.core.standby is not None for c in clients.values()):
+            if time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.1)
+        ready_s = time.monotonic() - started
+        receivers = [c for u, c in clients.items() if served[u] == self.failed]
+        senders = [c for u, c in clients.items() if served[u] != self.failed]
+        stop = asyncio.Event()
+        chats = [asyncio.create_task(self.chat(s, r.jid, stop))
+                 for s, r in zip(senders, receivers, strict=False)]  # fmt: skip
+        await asyncio.sleep(args.steady)
+        failed_at = time.monotonic()
+        await asyncio.to_thread(self.inject)
+        while time.monotonic() - failed_at < args.deadline:
+            if all(len(r.core.downtimes) > 0 for r in receivers):
+                break
+            await asyncio.sleep(0.05)
+        switched_s = time.monotonic() - failed_at
+        if args.scenario == "freeze":
+            pid = int((Path(self.layout.directory) / self.failed / "pid").read_text())
+            os.kill(pid, signal.SIGCONT)
+        await asyncio.sleep(args.tail)
+        stop.set()
+        await asyncio.gather(*chats)
+        while time.monotonic() - self.last_arrival < args.drain and self.sent - self.received:
+            await asyncio.sleep(0.1)
+        downtimes = [d.seconds for r in receivers for d in r.core.downtimes[:1] if d.seconds]
+        result = {
+            "benchmark": "failover_with_dual_connections",
+            "scenario": args.scenario,
+            "users": len(clients),
+            "users_failed_over": len(receivers),
+            "standbys_ready": sum(
+                1
+                for c in clients.values()
+                if c.core.standby or c.core.switching or c.core.downtimes
+            ),  # fmt: skip
+            "login_and_standby_s": round(ready_s, 2),
+            "downtime_s": stats(downtimes),
+            "until_active_s": stats(
+                [
+                    d.activated - d.started
+                    for r in receivers
+                    for d in r.core.downtimes[:1]
+                    if d.activated
+                ]
+            ),  # fmt: skip
+            "switched": sum(1 for r in receivers if r.core.downtimes),
+            "pushed": sum(1 for r in receivers for d in r.core.downtimes[:1] if d.pushed),
+            "all_switched_within_s": round(switched_s, 3),
+            "messages": {
+                "sent": len(self.sent),
+                "received": len(self.received & self.sent),
+                "lost": len(self.sent - self.received),
+                "duplicated": sum(c.core.duplicates for c in clients.values()),
+            },
+            "machine": {
+                "nproc": os.cpu_count(),
+                "loadavg": Path("/proc/loadavg").read_text().split()[:3],
+                "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
+            },  # fmt: skip
+        }
+        await asyncio.gather(*(c.close() for c in clients.values()), return_exceptions=True)
+        return result
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dir", default=".xmpp-ha-pair", help="the pair's directory")
+    parser.add_argument("--users", type=int, default=1000)
+    parser.add_argument("--password", default="password")
+    parser.add_argument("--scenario", choices=("kill", "freeze", "manual"), required=True)
+    parser.add_argument("--standby-delay", type=float, nargs=2, default=(0.5, 5.0),
+                        metavar=("LOW", "HIGH"), help="nodes' client re-login limits, s")  # fmt: skip
+    parser.add_argument("--interval", type=float, nargs=2, default=(0.2, 0.5),
+                        metavar=("LOW", "HIGH"), help="s between two messages of a sender")  # fmt: skip
+    parser.add_argument("--steady", type=float, default=3.0)
+    parser.add_argument("--deadline", type=float, default=60.0)
+    parser.add_argument("--tail", type=float, default=3.0)
+    parser.add_argument("--drain", type=float, default=5.0)
+    parser.add_argument("--concurrency", type=int, default=50)
+    parser.add_argument("--seed", type=int, default=1)
+
+
+def main(args: argparse.Namespace) -> int:
+    print(json.dumps(asyncio.run(Bench(args).run()), indent=2))
+    return 0
