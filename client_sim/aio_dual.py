@@ -288,7 +288,8 @@ class AioDualClient:
 
     def _promote(self, action: Promote) -> None:
         old, new = self.active, self.standby
-        assert new is not None
+        if new is None:
+            return
         self.standby = None
         resend = list(action.resend)
         if old is not None:

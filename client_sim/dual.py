@@ -212,7 +212,8 @@ class DualCore:
 
     def activated(self, now: float, *, pushed: bool = False) -> list[Action]:
         """The standby session is active now (the answer to Activate, or a push)."""
-        assert self.standby is not None
+        if self.standby is None:
+            return []  # both came (a push crossed our request): the first one counted
         if self._switch is None:  # pushed while the old session was fine
             self._switch = Downtime(started=now, pushed=True)
         self._switch.activated = now

@@ -292,10 +292,12 @@ class SRM:
 
     def _admin_failover(self, trigger: Trigger) -> list[Effect]:
         self._enter(State.FAILING_OVER, Reason.ADMIN)  # row 2
+        # the request first: the peer moves the users and activates their standby
+        # sessions while our services stop (dual-connected clients switch at once)
         return [
-            StopServices(),
             PersistRequest(Move.TAKE_OVER),
             SendPeer(PeerSignal.TAKE_OVER_REQUEST, Reason.ADMIN),
+            StopServices(),
         ]
 
     def _services_down(self, trigger: Trigger) -> list[Effect]:

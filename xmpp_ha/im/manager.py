@@ -258,7 +258,7 @@ class SessionManager:
             raise StanzaError(StanzaCondition.RESOURCE_CONSTRAINT, "too many resources")
         record.sessions[jid.resource] = session  # taken first, so the record stays alive
         session.listed = True
-        if previous is not None:
+        if previous is not None and previous is not session:
             previous.replaced_by_conflict()
         for listener in self.hooks.session_bound:
             listener(session)

@@ -83,6 +83,7 @@ class ClientSession:
         self.resume_token = ""
         self.listed = False  # in the manager's registry, bind announced to hooks
         self.standby = False  # bound but inactive (dual connections): gets nothing routed
+        self._activation: asyncio.Future[None] | None = None  # see activate()
         self.hibernated_until: float | None = None
         self.attributes: dict[str, object] = {}  # per-session data of plug-ins
         self._scram: ScramServer | None = None
@@ -473,9 +474,19 @@ class ClientSession:
         self.manager.bind_standby(self, jid)
         self.stream.bind_succeeded(event.iq_id, jid, standby=True)
 
+    @property
+    def activation_started(self) -> bool:
+        return self._activation is not None
+
     async def activate(self) -> None:
         """Make this standby session active: it joins the registry and gets what any
-        freshly bound session gets (the client then sends its presence)."""
+        freshly bound session gets (the client then sends its presence). Concurrent
+        calls (the client asked while the server pushed) share one activation."""
+        if self._activation is None:
+            self._activation = asyncio.ensure_future(self._activate())
+        await asyncio.shield(self._activation)
+
+    async def _activate(self) -> None:
         assert self.standby and self.jid is not None
         self.manager.drop_standby(self)
         record = await self.manager.bind(self, self.jid)

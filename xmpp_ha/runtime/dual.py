@@ -145,7 +145,9 @@ class DualConnections:
             if assignment.current_node == redundancy.node:
                 return
             link = self.member.link
-            if link is not None and link.connected:
+            if redundancy.srm.state is State.TAKING_OVER:
+                pass  # our SRM is moving every user here right now: wait for it
+            elif link is not None and link.connected:
                 released, why = await self._ask_release(username)
                 if why == "alive":
                     peer = redundancy.peer.name if redundancy.peer else "the other node"
@@ -216,11 +218,15 @@ class DualConnections:
         manager = self.member.node.manager
         assert manager is not None
         domain = self.member.node.config.node.domain
-        for session in list(manager.standby.get(username, {}).values()):
+        sessions = list(manager.standby.get(username, {}).values())
+        if answer is not None and answer[0] not in sessions:
+            sessions.append(answer[0])  # a push activated it meanwhile: answer all the same
+        for session in sessions:
+            pushed_meanwhile = session.activation_started
             await session.activate()
             if answer is not None and session is answer[0]:
                 session.send(iq_result(answer[1], ET.Element(ACTIVATE), sender=domain))
-            else:
+            elif not pushed_meanwhile:
                 push = ET.Element(ns.tag(ns.CLIENT, "iq"), {
                     "type": "set", "id": "activate-" + manager.new_token(8),
                     "from": domain, "to": str(session.jid),
