@@ -993,10 +993,11 @@ async def test_new_login_replaces_a_hibernated_session_and_its_messages_move_on(
     await round_trip(bob)
 
     # a fresh login with the same full JID (no resumption) ends the hibernated
-    # session at bind time, while the new one is not yet available: its
-    # unacknowledged message goes to the available resource left, the desk
+    # session at bind time: its unacknowledged message is routed again to where it
+    # was addressed, the new session of that full JID (RFC 6121 §8.5.3.1: a connected
+    # resource matches), not to the desk
     phone = await bed.login("alice/phone", presence=False)
-    moved = await desk.inbox.next(is_message("kept for the phone", sender="bob@localhost/desk"))
+    moved = await phone.inbox.next(is_message("kept for the phone", sender="bob@localhost/desk"))
     assert str(moved["to"]) == "alice@localhost/phone"
     phone.send_presence(pstatus="fresh")
     from_phone = presence_from("alice@localhost/phone")
@@ -1006,5 +1007,5 @@ async def test_new_login_replaces_a_hibernated_session_and_its_messages_move_on(
     await round_trip(desk)
     await round_trip(bob)
     assert phone.inbox.take(is_message("kept for the phone")) is None  # exactly once
-    assert desk.inbox.take(is_message("kept for the phone")) is None
+    assert desk.inbox.take(is_message("kept for the phone")) is None  # and not copied
     assert bob.inbox.take(from_phone) is None

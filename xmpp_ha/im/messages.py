@@ -184,25 +184,16 @@ class MessageService:
                 session.send(ET.fromstring(text))
 
     async def redeliver(self, jid: JID, messages: list[ET.Element]) -> None:
-        """Messages a dead session never acknowledged: to another resource, else offline."""
-        async with self.manager.user_lock(jid.local):  # serialised with flush_offline
-            record = self.manager.users.get(jid.local)
-            targets = _highest_priority(record) if record is not None else []
-            if targets:
-                for stanza in messages:
-                    for target in targets:
-                        target.send(stanza)
-                return
-            items = [
-                (jid.local, _stored_text(self._stamped(stanza)))
-                for stanza in messages
-                if stanza.get("type", "normal") in OFFLINE_TYPES
-            ]
-            if items:
-                await self.manager.repo.store_offline_many(
-                    items, self.manager.limits.offline_messages_per_user
-                )
-                self._stored(jid.local)
+        """Messages a dead session never acknowledged go where the user is now: another
+        resource here, the node that serves the user now (a failover moved it), else
+        offline storage; returns once each was handed on."""
+        pending: list[Awaitable[None]] = []
+        for stanza in messages:
+            step = self.manager.deliver(stanza, StanzaHeader.of(stanza))
+            if step is not None:
+                pending.append(step)
+        for step in pending:
+            await step
 
     def _stored(self, username: str) -> None:
         for listener in self.manager.hooks.offline_stored:
