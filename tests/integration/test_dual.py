@@ -24,6 +24,7 @@ from tests.integration.rawclient import (
     tag,
 )
 from xmpp_ha.ha.model import Reason, State
+from xmpp_ha.store.cluster import ClusterStore
 
 STEP = 10.0
 
@@ -213,4 +214,31 @@ async def test_manual_failover_pushes_activation(pair: HAPair) -> None:
     await pair.wait_states({"n2": (State.BACKUP_MODE, Reason.ADMIN)})
 
     for client in (standby, sender):
+        await client.aclose()
+
+
+async def test_refused_with_ha_off_and_never_offered_before_tls(pair: HAPair) -> None:
+    alice = (await pair.users_homed_on("n1"))[0]
+    plain = await RawClient.connect(*pair.c2s_addresses()["n1"])
+    features = await plain.open_stream()
+    assert features.find(tag(DUAL_NS, "dual")) is None  # only STARTTLS before TLS
+    await plain.aclose()
+
+    cluster = await ClusterStore.open(pair.store_url)
+    try:
+        await cluster.update_group(pair.layout.group, ha_enabled=False)
+    finally:
+        await cluster.close()
+    for node in ("n1", "n2"):  # the sync agents see the change and leave HA
+        await pair.wait_states({node: (State.UNKNOWN, None)}, timeout=STEP)
+    home = await connect(pair, "n1", alice)
+    assert home.features is not None and home.features.find(tag(DUAL_NS, "dual")) is None
+    assert error_condition(await request(home, "get", PLAN, "p1")) == "feature-not-implemented"
+    refused = await authenticated(pair, "n2", alice)
+    await refused.send(
+        f"<iq type='set' id='b1'><bind xmlns='{BIND_NS}'><resource>x</resource>"
+        f"<standby xmlns='{DUAL_NS}'/></bind></iq>"
+    )
+    assert error_condition(await answer_to(refused, "b1")) == "feature-not-implemented"
+    for client in (home, refused):
         await client.aclose()

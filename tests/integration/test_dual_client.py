@@ -77,8 +77,11 @@ async def run_failover(pair: HAPair, inject: str) -> None:
         for user in everyone:
             await user.start()
         await until(lambda: all(u.core.standby is not None for u in everyone), "standbys open")
-        await pair.wait_counter("n2", "JsmSessionsClientInactive", PER_NODE)
-        await pair.wait_counter("n1", "JsmSessionsClientInactive", PER_NODE)
+        # SPEC §9: X users homed on n1, Y on n2 -> n1 shows X active and Y inactive
+        # client sessions, n2 the reverse (here X = Y = PER_NODE)
+        for node in ("n1", "n2"):
+            await pair.wait_counter(node, "JsmSessionsClientInactive", PER_NODE)
+            await pair.wait_counter(node, "JsmSessionsClient", PER_NODE)
 
         stop = asyncio.Event()
         chats = [
