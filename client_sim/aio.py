@@ -51,6 +51,17 @@ class LoginError(Exception):
         self.text = text
 
 
+def login_error_of(event: ClientEvent) -> LoginError | None:
+    """Why the stream failed, when `event` says it did (for drivers to report)."""
+    if isinstance(event, AuthenticationFailed | BindFailed):
+        return LoginError(event.condition, getattr(event, "text", ""))
+    if isinstance(event, StreamErrorReceived):
+        return LoginError(event.condition, event.text)
+    if isinstance(event, ProtocolViolation):
+        return LoginError(event.condition.value, event.text)
+    return None
+
+
 def new_nonce() -> str:
     return secrets.token_urlsafe(18)
 
@@ -226,12 +237,8 @@ class AioClient:
         elif isinstance(event, SessionStarted):
             if not self._started.done():
                 self._started.set_result(event)
-        elif isinstance(event, AuthenticationFailed | BindFailed):
-            self._reason = LoginError(event.condition, getattr(event, "text", ""))
-        elif isinstance(event, StreamErrorReceived):
-            self._reason = LoginError(event.condition, event.text)
-        elif isinstance(event, ProtocolViolation):
-            self._reason = LoginError(event.condition.value, event.text)
+        elif (failure := login_error_of(event)) is not None:
+            self._reason = failure
         elif isinstance(event, StreamEnded):
             self._ended()
         if self.on_event is not None:

@@ -13,74 +13,28 @@ and carries out the core's actions; it decides nothing itself.
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 import ssl
 import xml.etree.ElementTree as ET
-from collections.abc import Callable, Coroutine
+from collections.abc import Coroutine
 from typing import Any
 
-from client_sim.aio import AioClient, LoginError, login, new_nonce
-from client_sim.dual import (
-    Action,
-    Activate,
-    DualCore,
-    OpenStandby,
-    Probe,
-    Promote,
-    Relogin,
-    RequestPlan,
-)
-from client_sim.xmpp import (
-    ClientEvent,
-    ClientStream,
-    IqReceived,
-    MessageReceived,
-    SaltedPasswordCache,
-)
+from client_sim.aio import AioClient, LoginError, login
+from client_sim.dual import Action, Activate, OpenStandby, Probe, Promote, Relogin, RequestPlan
+from client_sim.dual_driver import ACTIVATE, PLAN, DualDriver
+from client_sim.xmpp import ClientEvent, IqReceived, MessageReceived
 from xmpp_ha.net.tls import StreamConnection
-from xmpp_ha.protocol import ns
 
 log = logging.getLogger(__name__)
 
-PLAN = ns.tag(ns.DUAL, "plan")
-ACTIVATE = ns.tag(ns.DUAL, "activate")
 RELOGIN_DELAY = 0.2  # s before a relogin after a failed one
 
 
-class AioDualClient:
-    def __init__(
-        self,
-        jid: str,
-        password: str,
-        nodes: dict[str, tuple[str, int]],
-        *,
-        home: str,
-        ssl_context: ssl.SSLContext,
-        resource: str = "sim",
-        on_message: Callable[[MessageReceived], None] | None = None,
-        key_cache: SaltedPasswordCache | None = None,
-        timeout: float = 30.0,
-    ) -> None:
-        self.jid = jid
-        self.password = password
-        self.home = home
-        self.core = DualCore(nodes=dict(nodes))
-        self.context = ssl_context
-        self.resource = resource
-        self.on_message = on_message
-        self.key_cache = key_cache
-        self.timeout = timeout
-        self.active: AioClient | None = None
-        self.standby: AioClient | None = None
-        self.sent = 0
+class AioDualClient(DualDriver[AioClient, ssl.SSLContext]):
+    def _setup(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._timer: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task[None]] = set()
-        self._probes = itertools.count(1)
-        self._probe_id = ""
-        self._pending: list[ET.Element] = []  # sent while no session was active
-        self._closing = False
 
     # --- the API --------------------------------------------------------------------
 
@@ -89,20 +43,6 @@ class AioDualClient:
         host, port = self.core.nodes[self.home]
         client = await self._login(host, port)
         self._set_active(client, self.home)
-
-    def send_message(self, to: str, body: str, *, id: str) -> None:
-        """Send now, or as soon as a session is active again (nothing is dropped)."""
-        self.sent += 1
-        stanza = ET.Element(ns.tag(ns.CLIENT, "message"), {"to": to, "type": "chat", "id": id})
-        ET.SubElement(stanza, ns.tag(ns.CLIENT, "body")).text = body
-        if self.active is not None and not self.active.closed:
-            self.active.send_stanza(stanza)
-        else:
-            self._pending.append(stanza)
-
-    @property
-    def serving_node(self) -> str | None:
-        return self.core.active
 
     async def close(self) -> None:
         self._closing = True
@@ -120,16 +60,13 @@ class AioDualClient:
         return await login(
             host, port, self.jid, self.password, ssl_context=self.context,
             resource=self.resource, sm=True, key_cache=self.key_cache, timeout=self.timeout,
-            on_message=self._on_message,
+            on_message=self._message,
         )  # fmt: skip
 
     async def _open_standby(self, host: str, port: int) -> AioClient:
-        stream = ClientStream(
-            jid=self.jid, password=self.password, nonce=new_nonce, resource=self.resource,
-            stream_management=True, resumable=False, key_cache=self.key_cache, standby=True,
-        )  # fmt: skip
+        stream = self._stream(standby=True)
         client = AioClient(stream, ssl_context=self.context, server_hostname=stream.domain,
-                           on_message=self._on_message)  # fmt: skip
+                           on_message=self._message)  # fmt: skip
         try:
             async with asyncio.timeout(self.timeout):
                 await self._loop.create_connection(
@@ -149,9 +86,7 @@ class AioDualClient:
         client.on_event = lambda event: self._on_active_event(client, event)
         dual = client.stream.dual_offered
         self._run(self.core.active_started(self._loop.time(), node, dual_offered=dual))
-        pending, self._pending = self._pending, []
-        for stanza in pending:
-            client.send_stanza(stanza)
+        self._send_pending(client)
 
     def _on_active_event(self, client: AioClient, event: ClientEvent) -> None:
         if client is not self.active or not client.closed:
@@ -167,37 +102,21 @@ class AioDualClient:
         if client is not self.standby:
             return
         if isinstance(event, IqReceived) and event.type == "set":
-            if event.element.find(ACTIVATE) is not None:
-                client.send_stanza(ET.Element(ns.tag(ns.CLIENT, "iq"), {
-                    "type": "result", "id": event.id, "to": event.sender,
-                }))  # fmt: skip
-                self._run(self.core.activated(self._loop.time(), pushed=True))
+            self._pushed(client, event, self._loop.time())
             return
         if client.closed:
             self.standby = None
             if not self._closing:
                 self._run(self.core.standby_lost(self._loop.time()))
 
-    def _on_message(self, event: MessageReceived) -> None:
-        if self._probe_id and event.id == self._probe_id and event.sender == self._own_jid():
-            self._probe_id = ""
-            self.core.probe_returned(self._loop.time())
-            return
-        if self.core.message_received(event.sender, event.id) and self.on_message is not None:
-            self.on_message(event)
-
-    def _own_jid(self) -> str:
-        client = self.active
-        return client.jid if client is not None else ""
+    def _message(self, event: MessageReceived) -> None:
+        self._on_message(event, self._loop.time())
 
     # --- actions --------------------------------------------------------------------------
 
     def _run(self, actions: list[Action]) -> None:
         for action in actions:
             self._do(action)
-        self._arm_timer()
-
-    def _arm_timer(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -223,6 +142,9 @@ class AioDualClient:
             self._spawn(self._activate())
         elif isinstance(action, Promote):
             self._promote(action)
+            if self.active is not None:
+                client = self.active
+                client.on_event = lambda event: self._on_active_event(client, event)
         elif isinstance(action, Probe):
             self._probe()
         elif isinstance(action, Relogin):
@@ -236,18 +158,7 @@ class AioDualClient:
             answer = await client.send_iq("get", ET.Element(PLAN))
         except LoginError:
             return  # the session ended: active_lost handles it
-        plan = answer.find(PLAN)
-        now = self._loop.time()
-        if answer.get("type") != "result" or plan is None:
-            self._run(self.core.plan_refused(now))
-            return
-        try:
-            node, host = plan.get("node", ""), plan.get("host", "")
-            port, delay = int(plan.get("port", "")), float(plan.get("delay", ""))
-        except ValueError:
-            self._run(self.core.plan_refused(now))
-            return
-        self._run(self.core.plan(now, node, host, port, delay))
+        self._run(self._plan_answer(answer, self._loop.time()))
 
     async def _standby_at(self, action: OpenStandby) -> None:
         try:
@@ -272,48 +183,7 @@ class AioDualClient:
             answer = await client.send_iq("set", ET.Element(ACTIVATE))
         except LoginError:
             return  # the standby ended: its event handler tells the core
-        now = self._loop.time()
-        if client is not self.standby:
-            return
-        if answer.get("type") == "result":
-            self._run(self.core.activated(now))
-            return
-        error = answer.find(ns.tag(ns.CLIENT, "error"))
-        names = [child.tag.rpartition("}")[2] for child in (error if error is not None else ())]
-        actions = self.core.activation_refused(now, names[0] if names else "undefined-condition")
-        if self.core.standby is None:  # given up on it
-            self.standby = None
-            client.abort()
-        self._run(actions)
-
-    def _promote(self, action: Promote) -> None:
-        old, new = self.active, self.standby
-        if new is None:
-            return
-        self.standby = None
-        resend = list(action.resend)
-        if old is not None:
-            old.on_event = None
-            sm = old.stream.sm
-            if sm is not None:
-                resend.extend(sm.unacked())
-            old.abort()
-        self.active = new
-        new.on_event = lambda event: self._on_active_event(new, event)
-        new.send_presence()
-        for stanza in resend:
-            if stanza.tag != ns.tag(ns.CLIENT, "iq"):  # the old session's own requests
-                new.send_stanza(stanza)
-        pending, self._pending = self._pending, []
-        for stanza in pending:
-            new.send_stanza(stanza)
-
-    def _probe(self) -> None:
-        client = self.active
-        if client is None or client.closed:
-            return
-        self._probe_id = f"probe-{next(self._probes)}"
-        client.send_message(client.jid, "probe", id=self._probe_id)
+        self._run(self._activation_answer(client, answer, self._loop.time()))
 
     async def _relogin(self, action: Relogin) -> None:
         try:

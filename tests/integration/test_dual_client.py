@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import ssl
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -115,3 +117,33 @@ async def test_kill_9_dual_clients_switch_and_lose_nothing(pair: HAPair) -> None
 
 async def test_manual_failover_pushes_dual_clients_and_loses_nothing(pair: HAPair) -> None:
     await run_failover(pair, "manual")
+
+
+async def test_gevent_dual_clients_switch_on_kill_9_and_lose_nothing(pair: HAPair) -> None:
+    """The gevent driver (what Locust runs), in its own process as under Locust."""
+    nodes = pair.c2s_addresses()
+    script = Path(__file__).with_name("gevent_dual_clients.py")
+    receivers = ",".join(await pair.users_homed_on("n1"))
+    senders = ",".join(await pair.users_homed_on("n2"))
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, str(script), str(pair.layout.ca_file),
+        *(f"{host}:{port}" for host, port in (nodes["n1"], nodes["n2"])),
+        PASSWORD, receivers, senders,
+        stdout=asyncio.subprocess.PIPE, cwd=Path(__file__).parents[2],
+    )  # fmt: skip
+    assert process.stdout is not None
+    try:
+        ready = await asyncio.wait_for(process.stdout.readline(), DEADLINE)
+        assert ready.strip() == b"READY", ready
+        await asyncio.sleep(0.5)
+        pair.kill("n1")
+        line = await asyncio.wait_for(process.stdout.readline(), 60)
+        report = json.loads(line)
+        assert report["switched"] == PER_NODE and set(report["serving"]) == {"n2"}, report
+        assert report["sent"] > 0 and report["received"] == report["sent"], report
+        assert report["delivered_twice"] == 0, report
+        assert await asyncio.wait_for(process.wait(), 10) == 0
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()

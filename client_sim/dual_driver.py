@@ -1,0 +1,184 @@
+"""What the asyncio and gevent drivers of `client_sim.dual.DualCore` share.
+
+A driver owns one user's connections and carries out the core's actions. The
+parts that do no I/O of their own live here: the user's state, sending messages
+(held while no session is active), the switch (`Promote`, `Probe`), reading the
+server's answers to a plan or an activation request, and answering a pushed
+activation. Subclasses do the I/O: logins, the standby, iq round trips, timers.
+"""
+
+from __future__ import annotations
+
+import itertools
+import xml.etree.ElementTree as ET
+from collections.abc import Callable
+from typing import Generic, Protocol, TypeVar
+
+from client_sim.aio import new_nonce
+from client_sim.dual import Action, DualCore, Promote
+from client_sim.xmpp import ClientStream, IqReceived, MessageReceived, SaltedPasswordCache
+from xmpp_ha.protocol import ns
+
+PLAN = ns.tag(ns.DUAL, "plan")
+ACTIVATE = ns.tag(ns.DUAL, "activate")
+_IQ = ns.tag(ns.CLIENT, "iq")
+
+
+class Connection(Protocol):
+    stream: ClientStream
+
+    @property
+    def closed(self) -> bool: ...
+    @property
+    def jid(self) -> str: ...
+    def send_stanza(self, stanza: ET.Element) -> None: ...
+    def send_presence(self) -> None: ...
+    def abort(self) -> None: ...
+
+
+C = TypeVar("C", bound=Connection)
+X = TypeVar("X")  # the driver's TLS context type
+
+
+class DualDriver(Generic[C, X]):
+    """`nodes`: both nodes' client addresses by name; `home`: where to log in first;
+    `ssl_context`: shared by every client of the process (the driver's own type)."""
+
+    def __init__(
+        self,
+        jid: str,
+        password: str,
+        nodes: dict[str, tuple[str, int]],
+        *,
+        home: str,
+        ssl_context: X,
+        resource: str = "sim",
+        on_message: Callable[[MessageReceived], None] | None = None,
+        key_cache: SaltedPasswordCache | None = None,
+        timeout: float = 30.0,
+    ) -> None:
+        self.jid = jid
+        self.password = password
+        self.home = home
+        self.context = ssl_context
+        self.core = DualCore(nodes=dict(nodes))
+        self.resource = resource
+        self.on_message = on_message
+        self.key_cache = key_cache
+        self.timeout = timeout
+        self.active: C | None = None
+        self.standby: C | None = None
+        self.sent = 0
+        self._probes = itertools.count(1)
+        self._probe_id = ""
+        self._pending: list[ET.Element] = []  # sent while no session was active
+        self._closing = False
+        self._setup()
+
+    # --- the API ----------------------------------------------------------------------
+
+    def send_message(self, to: str, body: str, *, id: str) -> None:
+        """Send now, or as soon as a session is active again (nothing is dropped)."""
+        self.sent += 1
+        stanza = ET.Element(ns.tag(ns.CLIENT, "message"), {"to": to, "type": "chat", "id": id})
+        ET.SubElement(stanza, ns.tag(ns.CLIENT, "body")).text = body
+        if self.active is not None and not self.active.closed:
+            self.active.send_stanza(stanza)
+        else:
+            self._pending.append(stanza)
+
+    @property
+    def serving_node(self) -> str | None:
+        return self.core.active
+
+    # --- for the subclasses -------------------------------------------------------------
+
+    def _setup(self) -> None:
+        """The subclass's own state (called at the end of __init__)."""
+
+    def _run(self, actions: list[Action]) -> None:
+        raise NotImplementedError
+
+    def _stream(self, *, standby: bool) -> ClientStream:
+        return ClientStream(
+            jid=self.jid, password=self.password, nonce=new_nonce, resource=self.resource,
+            stream_management=True, resumable=False, key_cache=self.key_cache, standby=standby,
+        )  # fmt: skip
+
+    def _send_pending(self, connection: C) -> None:
+        pending, self._pending = self._pending, []
+        for stanza in pending:
+            connection.send_stanza(stanza)
+
+    def _on_message(self, event: MessageReceived, now: float) -> None:
+        own = self.active.jid if self.active is not None else ""
+        if self._probe_id and event.id == self._probe_id and event.sender == own:
+            self._probe_id = ""
+            self.core.probe_returned(now)
+            return
+        if self.core.message_received(event.sender, event.id) and self.on_message is not None:
+            self.on_message(event)
+
+    def _pushed(self, connection: C, event: IqReceived, now: float) -> bool:
+        """A server-pushed activation on the standby: answered, and the core told."""
+        if connection is not self.standby or event.element.find(ACTIVATE) is None:
+            return False
+        connection.send_stanza(ET.Element(_IQ, {"type": "result", "id": event.id,
+                                                "to": event.sender}))  # fmt: skip
+        self._run(self.core.activated(now, pushed=True))
+        return True
+
+    def _plan_answer(self, answer: ET.Element, now: float) -> list[Action]:
+        plan = answer.find(PLAN)
+        if answer.get("type") != "result" or plan is None:
+            return self.core.plan_refused(now)
+        try:
+            port, delay = int(plan.get("port", "")), float(plan.get("delay", ""))
+        except ValueError:
+            return self.core.plan_refused(now)
+        return self.core.plan(now, plan.get("node", ""), plan.get("host", ""), port, delay)
+
+    def _activation_answer(self, connection: C, answer: ET.Element, now: float) -> list[Action]:
+        if connection is not self.standby:
+            return []  # a push crossed it: the switch happened already
+        if answer.get("type") == "result":
+            return self.core.activated(now)
+        error = answer.find(ns.tag(ns.CLIENT, "error"))
+        names = [child.tag.rpartition("}")[2] for child in (error if error is not None else ())]
+        actions = self.core.activation_refused(now, names[0] if names else "undefined-condition")
+        if self.core.standby is None:  # given up on it
+            self.standby = None
+            connection.abort()
+        return actions
+
+    def _promote(self, action: Promote) -> None:
+        """The standby is the active session now: presence, what the old one had not seen
+        acknowledged, and what waited for a session."""
+        old, new = self.active, self.standby
+        if new is None:
+            return
+        self.standby = None
+        resend = list(action.resend)
+        if old is not None:
+            sm = old.stream.sm
+            if sm is not None:
+                resend.extend(sm.unacked())
+            self.active = None
+            old.abort()
+        self.active = new
+        new.send_presence()
+        for stanza in resend:
+            if stanza.tag != _IQ:  # the old session's own requests died with it
+                new.send_stanza(stanza)
+        self._send_pending(new)
+
+    def _probe(self) -> None:
+        """A message to our own full JID: its return ends the switch's downtime."""
+        connection = self.active
+        if connection is None or connection.closed:
+            return
+        self._probe_id = f"probe-{next(self._probes)}"
+        probe = ET.Element(ns.tag(ns.CLIENT, "message"),
+                           {"to": connection.jid, "type": "chat", "id": self._probe_id})  # fmt: skip
+        ET.SubElement(probe, ns.tag(ns.CLIENT, "body")).text = "probe"
+        connection.send_stanza(probe)
