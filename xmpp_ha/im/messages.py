@@ -183,17 +183,17 @@ class MessageService:
             for text in stored:
                 session.send(ET.fromstring(text))
 
-    async def redeliver(self, jid: JID, messages: list[ET.Element]) -> None:
+    def redeliver(self, messages: list[ET.Element]) -> list[Awaitable[None]]:
         """Messages a dead session never acknowledged go where the user is now: another
         resource here, the node that serves the user now (a failover moved it), else
-        offline storage; returns once each was handed on."""
+        offline storage. They are on their way when this returns (each user's stanzas
+        in transit keep their order); the awaitables complete once each was handed on."""
         pending: list[Awaitable[None]] = []
         for stanza in messages:
             step = self.manager.deliver(stanza, StanzaHeader.of(stanza))
             if step is not None:
                 pending.append(step)
-        for step in pending:
-            await step
+        return pending
 
     def _stored(self, username: str) -> None:
         for listener in self.manager.hooks.offline_stored:

@@ -605,8 +605,9 @@ class ClientSession:
         unacked = self.stream.sm.unacked() if self.stream.sm is not None else []
         messages = [stanza for stanza in (*unacked, *self._undelivered) if stanza.tag == MESSAGE]
         self._undelivered = []
-        try:
-            if messages:
-                await self.manager.messages.redeliver(jid, messages)
-        finally:
-            self._settle_receipts(all_of_them=True)
+        pending = self.manager.messages.redeliver(messages)
+        # they are this node's to deliver now: a peer waiting for their receipt may go on
+        # (waiting for the hand-over itself could wait on that same peer: a cycle)
+        self._settle_receipts(all_of_them=True)
+        for step in pending:
+            await step
