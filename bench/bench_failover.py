@@ -45,16 +45,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import errno
 import json
-import math
 import os
 import platform
 import random
 import re
 import shutil
 import signal
-import socket
 import ssl
 import subprocess
 import sys
@@ -74,19 +71,18 @@ from sqlalchemy.ext.asyncio import create_async_engine
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
-from client_sim.aio import AioClient, LoginError, new_nonce  # noqa: E402
+from client_sim.aio import AioClient, LoginError, login  # noqa: E402
+from client_sim.bench import stats  # noqa: E402
 from client_sim.xmpp import (  # noqa: E402
     ClientEvent,
-    ClientStream,
     MessageReceived,
-    PresenceReceived,
     SaltedPasswordCache,
     StreamErrorReceived,
 )
 from xmpp_ha.admin.client import AdminClient, AdminClientError  # noqa: E402
-from xmpp_ha.net.tls import StreamConnection, client_context  # noqa: E402
+from xmpp_ha.net.tls import client_context  # noqa: E402
 from xmpp_ha.protocol import ns  # noqa: E402
-from xmpp_ha.runtime.pair import Pair, PairLayout, default_layout, prepare  # noqa: E402
+from xmpp_ha.runtime.pair import Pair, PairLayout, default_layout, free_ports, prepare  # noqa: E402
 from xmpp_ha.store.cluster import ClusterStore  # noqa: E402
 from xmpp_ha.store.schema import offline_messages  # noqa: E402
 
@@ -270,38 +266,14 @@ class SimUser:
         )
 
     async def _connect(self, node: str) -> AioClient:
-        """As `client_sim.aio.login`, but the see-other-host address reaches `on_event`."""
+        """`client_sim.aio.login`, its events (a see-other-host address) to `on_event`."""
         bench = self.bench
-        stream = ClientStream(jid=self.jid, password=PASSWORD, nonce=new_nonce,
-                              resource=RESOURCE, key_cache=bench.key_cache)  # fmt: skip
-        client = AioClient(stream, ssl_context=bench.context, server_hostname=DOMAIN,
-                           on_message=self.on_message)  # fmt: skip
-        client.on_event = self.on_event
-        loop = asyncio.get_running_loop()
-        closed = asyncio.ensure_future(client.wait_closed())
-        try:
-            async with asyncio.timeout(bench.options.login_timeout):
-                host, port = bench.c2s[node]
-                await loop.create_connection(lambda: StreamConnection(lambda: client), host, port)
-                await client.wait_started()
-                echoed: asyncio.Future[None] = loop.create_future()
-
-                def on_presence(event: PresenceReceived) -> None:
-                    if event.sender == client.jid and not echoed.done():
-                        echoed.set_result(None)
-
-                client.on_presence = on_presence
-                client.send_presence()  # stored messages arrive now, before the echo
-                await asyncio.wait((echoed, closed), return_when=asyncio.FIRST_COMPLETED)
-                client.on_presence = None
-                if not echoed.done():
-                    raise client.close_reason or LoginError("stream-closed")
-        except BaseException:
-            client.abort()
-            raise
-        finally:
-            closed.cancel()
-        return client
+        host, port = bench.c2s[node]
+        return await login(
+            host, port, self.jid, PASSWORD, ssl_context=bench.context, resource=RESOURCE,
+            server_hostname=DOMAIN, timeout=bench.options.login_timeout,
+            on_message=self.on_message, on_event=self.on_event, key_cache=bench.key_cache,
+        )  # fmt: skip
 
     async def _serve(self, client: AioClient) -> None:
         bench = self.bench
@@ -589,15 +561,15 @@ class Bench:
             "users_on_n1": len(homed_n1),
             "params": PARAMS,
             "initial_login_s": round(initial_login_s, 2),
-            "downtime_s": _stats(downtimes),
+            "downtime_s": stats(downtimes, 3),
             "recovered": len(recovered),
             "never_recovered": len(homed_n1) - len(recovered),
             "deadline_s": self.options.deadline,
             "measured_for_s": round(measured_s, 3),
             "recovered_on": dict(Counter(u.recovered_on for u in recovered)),
-            "disconnect_seen_s": _stats(detected),
+            "disconnect_seen_s": stats(detected, 3),
             "n2_moved_users_at_s": moved_at,
-            "downtime_after_move_s": _stats(after_move),
+            "downtime_after_move_s": stats(after_move, 3),
             "login_outcomes_n1_users": dict(sorted(outcomes.items())),
             "n1_users_served_by_after": {str(k): v for k, v in serving.items()},
             "partner_sessions_lost": sum(max(0, p.sessions - 1) for p in partners),
@@ -605,7 +577,7 @@ class Bench:
                 sorted(sum((p.outcomes for p in partners), Counter()).items())
             ),
             "client_cpu_s": round(time.process_time(), 1),
-            "client_loop_lag_s": _stats(self.loop_lags),
+            "client_loop_lag_s": stats(self.loop_lags, 3),
             "messages": {
                 "sent": sent,
                 "received": len(tally.received),
@@ -706,19 +678,6 @@ class Bench:
             for epoch, level, logger, text in bad[:3]]}  # fmt: skip
 
 
-def _stats(values: list[float]) -> dict[str, float] | None:
-    """Nearest-rank percentiles, in seconds."""
-    if not values:
-        return None
-    ordered = sorted(values)
-
-    def rank(fraction: float) -> float:
-        return round(ordered[max(0, math.ceil(fraction * len(ordered)) - 1)], 3)
-
-    return {"min": round(ordered[0], 3), "p50": rank(0.5), "p99": rank(0.99),
-            "max": round(ordered[-1], 3), "n": len(ordered)}  # fmt: skip
-
-
 def _loadavg() -> list[str]:
     return Path("/proc/loadavg").read_text().split()[:3]
 
@@ -757,30 +716,9 @@ def _machine(loadavg_at_start: list[str]) -> dict[str, Any]:
     }
 
 
-def _bindable(host: str, port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        try:
-            probe.bind((host, port))
-        except OSError as exc:
-            if exc.errno in (errno.EADDRINUSE, errno.EACCES):
-                return False
-            raise
-    return True
-
-
-def free_ports(rng: random.Random, hosts: Sequence[str] = ("127.0.0.1", "127.0.0.2")) -> list[int]:
-    """Three ports free on both hosts, below the ephemeral range (32768+)."""
-    chosen: list[int] = []
-    while len(chosen) < 3:
-        port = rng.randrange(20000, 32000)
-        if port not in chosen and all(_bindable(host, port) for host in hosts):
-            chosen.append(port)
-    return chosen
-
-
 async def main_async(options: Options, directory: Path) -> dict[str, Any]:
     rng = random.Random(options.seed)
-    c2s_port, admin_port, service_port = free_ports(random.Random())
+    c2s_port, admin_port, service_port = free_ports()
     layout = default_layout(directory, c2s_port=c2s_port, admin_port=admin_port,
                             service_port=service_port)  # fmt: skip
     await prepare(layout, users=options.users, password=PASSWORD, params=PARAMS)

@@ -278,13 +278,19 @@ async def login(
     server_hostname: str | None = None,
     timeout: float = 30.0,
     on_message: Callable[[MessageReceived], None] | None = None,
+    on_event: Callable[[ClientEvent], None] | None = None,
     key_cache: SaltedPasswordCache | None = None,
+    standby: bool = False,
 ) -> AioClient:
     """Connect, STARTTLS, authenticate, bind (or resume), and send initial presence.
 
     With `presence`, returns once the server has echoed our own presence back,
-    so the login is complete on the server too. Raises `LoginError` (or
-    `TimeoutError`, `OSError`) and leaves no connection open on failure.
+    so the login is complete on the server too. `on_event` sees the login's
+    events too (a stream error's see-other-host address, for one). `standby`
+    binds an inactive standby session (dual connections; no presence is sent,
+    and `wait_started()` says whether the server confirmed it). Raises
+    `LoginError` (or `TimeoutError`, `OSError`) and leaves no connection open
+    on failure.
     """
     stream = ClientStream(
         jid=jid,
@@ -293,8 +299,10 @@ async def login(
         mechanism=mechanism,
         resource=resource,
         stream_management=sm,
+        resumable=not standby,  # a standby session is the way back itself
         resume=resume,
         key_cache=key_cache,
+        standby=standby,
     )
     client = AioClient(
         stream,
@@ -302,6 +310,8 @@ async def login(
         server_hostname=server_hostname or stream.domain,
         on_message=on_message,
     )
+    client.on_event = on_event
+    presence = presence and not standby
     loop = asyncio.get_running_loop()
     try:
         async with asyncio.timeout(timeout):

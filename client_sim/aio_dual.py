@@ -23,7 +23,6 @@ from client_sim.aio import AioClient, LoginError, login
 from client_sim.dual import Action, Activate, OpenStandby, Probe, Promote, Relogin, RequestPlan
 from client_sim.dual_driver import ACTIVATE, PLAN, DualDriver
 from client_sim.xmpp import ClientEvent, IqReceived, MessageReceived
-from xmpp_ha.net.tls import StreamConnection
 
 log = logging.getLogger(__name__)
 
@@ -64,19 +63,12 @@ class AioDualClient(DualDriver[AioClient, ssl.SSLContext]):
         )  # fmt: skip
 
     async def _open_standby(self, host: str, port: int) -> AioClient:
-        stream = self._stream(standby=True)
-        client = AioClient(stream, ssl_context=self.context, server_hostname=stream.domain,
-                           on_message=self._message)  # fmt: skip
-        try:
-            async with asyncio.timeout(self.timeout):
-                await self._loop.create_connection(
-                    lambda: StreamConnection(lambda: client), host, port
-                )
-                started = await client.wait_started()
-        except BaseException:
-            client.abort()
-            raise
-        if not started.standby:
+        client = await login(
+            host, port, self.jid, self.password, ssl_context=self.context,
+            resource=self.resource, sm=True, key_cache=self.key_cache, timeout=self.timeout,
+            on_message=self._message, standby=True,
+        )  # fmt: skip
+        if not (await client.wait_started()).standby:
             client.abort()
             raise LoginError("not-standby", "the server bound an active session")
         return client

@@ -42,17 +42,17 @@ from xmpp_ha.runtime.pair import PairLayout
 from xmpp_ha.store.cluster import ClusterStore
 
 
-def stats(values: Sequence[float]) -> dict[str, float] | None:
-    """Nearest-rank percentiles, in seconds."""
+def stats(values: Sequence[float], digits: int = 4) -> dict[str, float] | None:
+    """Nearest-rank percentiles (min, p50, p99, max), in seconds, and how many."""
     if not values:
         return None
     ordered = sorted(values)
 
     def rank(fraction: float) -> float:
-        return round(ordered[max(0, math.ceil(fraction * len(ordered)) - 1)], 4)
+        return round(ordered[max(0, math.ceil(fraction * len(ordered)) - 1)], digits)
 
-    return {"min": round(ordered[0], 4), "p50": rank(0.5), "p99": rank(0.99),
-            "max": round(ordered[-1], 4), "n": len(ordered)}  # fmt: skip
+    return {"min": round(ordered[0], digits), "p50": rank(0.5), "p99": rank(0.99),
+            "max": round(ordered[-1], digits), "n": len(ordered)}  # fmt: skip
 
 
 class Bench:

@@ -32,11 +32,8 @@ import asyncio
 import contextlib
 import dataclasses
 import datetime
-import errno
-import random
 import re
 import signal
-import socket
 import ssl
 import subprocess
 import time
@@ -52,7 +49,7 @@ from tests.integration.clients import Inbox, Match
 from tests.integration.conftest import add_users
 from xmpp_ha.admin.client import AdminAPIError, AdminClient, AdminClientError
 from xmpp_ha.ha.model import Reason, State
-from xmpp_ha.runtime.pair import Pair, PairLayout, default_layout, prepare
+from xmpp_ha.runtime.pair import Pair, PairLayout, default_layout, free_ports, prepare
 from xmpp_ha.store.cluster import Assignment, ClusterStore
 from xmpp_ha.store.sql import SQLStore
 
@@ -75,32 +72,6 @@ StateSpec = tuple[State, Reason | None]
 Expected = StateSpec | Iterable[StateSpec] | None
 
 _TRANSITION = re.compile(r"SRM (\w+): (.+?)/(.+?) -> (.+?)/(.+?) on (\w+)$", re.MULTILINE)
-
-
-# --- free ports -------------------------------------------------------------------
-
-
-def _bindable(host: str, port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        try:
-            probe.bind((host, port))
-        except OSError as exc:
-            if exc.errno in (errno.EADDRINUSE, errno.EACCES):
-                return False
-            raise
-    return True
-
-
-def free_port_triple(hosts: Iterable[str] = ("127.0.0.1", "127.0.0.2")) -> tuple[int, int, int]:
-    """Three ports free on every host, below the Linux ephemeral range (32768+)
-    so that no outgoing connection takes one between the check and the bind."""
-    hosts = list(hosts)
-    chosen: list[int] = []
-    while len(chosen) < 3:
-        port = random.randrange(20000, 32000)
-        if port not in chosen and all(_bindable(host, port) for host in hosts):
-            chosen.append(port)
-    return chosen[0], chosen[1], chosen[2]
 
 
 # --- the pair ----------------------------------------------------------------------
@@ -486,7 +457,7 @@ async def running_pair(
     # in-process: prepare() would derive the credentials in a spawned process pool (~2 s)
     await add_users(store_url, names, PASSWORD)
     for attempt in range(3):  # a port taken between the check and the bind: new ports
-        c2s, admin, service = free_port_triple()
+        c2s, admin, service = free_ports()
         layout = default_layout(directory, c2s_port=c2s, admin_port=admin, service_port=service)
         layout = dataclasses.replace(layout, store_url=store_url)
         await prepare(layout, users=users, password=PASSWORD, params=merged, extra=settings)

@@ -95,6 +95,19 @@ async def next_message(client: RawClient, body: str) -> ET.Element:
             return element
 
 
+async def alice_with_standby(pair: HAPair) -> tuple[str, RawClient, RawClient, RawClient]:
+    """A user homed on n1, available there with a standby session on n2, and a sender
+    on n2: (the user, home session, standby session, sender's session)."""
+    alice = (await pair.users_homed_on("n1"))[0]
+    bob = (await pair.users_homed_on("n2"))[0]
+    home = await connect(pair, "n1", alice)
+    await home.send("<presence/>")
+    standby = await connect(pair, "n2", alice, standby=True)
+    sender = await connect(pair, "n2", bob)
+    await pair.wait_counter("n2", "JsmSessionsClientInactive", 1)
+    return alice, home, standby, sender
+
+
 async def test_offer_plan_standby_refusals_and_counters(pair: HAPair) -> None:
     alice = (await pair.users_homed_on("n1"))[0]
     bob = (await pair.users_homed_on("n2"))[0]
@@ -152,13 +165,7 @@ async def test_offer_plan_standby_refusals_and_counters(pair: HAPair) -> None:
 
 
 async def test_kill_9_the_client_activates_its_standby_and_misses_nothing(pair: HAPair) -> None:
-    alice = (await pair.users_homed_on("n1"))[0]
-    bob = (await pair.users_homed_on("n2"))[0]
-    home = await connect(pair, "n1", alice)
-    await home.send("<presence/>")
-    standby = await connect(pair, "n2", alice, standby=True)
-    sender = await connect(pair, "n2", bob)
-    await pair.wait_counter("n2", "JsmSessionsClientInactive", 1)
+    alice, home, standby, sender = await alice_with_standby(pair)
 
     pair.kill("n1")
     await home.wait_closed(STEP)
@@ -194,13 +201,7 @@ async def test_kill_9_the_client_activates_its_standby_and_misses_nothing(pair: 
 
 
 async def test_manual_failover_pushes_activation(pair: HAPair) -> None:
-    alice = (await pair.users_homed_on("n1"))[0]
-    bob = (await pair.users_homed_on("n2"))[0]
-    home = await connect(pair, "n1", alice)
-    await home.send("<presence/>")
-    standby = await connect(pair, "n2", alice, standby=True)
-    sender = await connect(pair, "n2", bob)
-    await pair.wait_counter("n2", "JsmSessionsClientInactive", 1)
+    alice, home, standby, sender = await alice_with_standby(pair)
 
     await pair.failover("n1")
     push = await standby.expect("iq", STEP)

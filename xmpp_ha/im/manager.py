@@ -21,7 +21,7 @@ import logging
 import xml.etree.ElementTree as ET
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, nullcontext
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -423,22 +423,17 @@ class SessionManager:
             return
         if header.kind == "presence" and header.type not in SUBSCRIPTION_TYPES:
             return  # presence for someone offline is dropped (RFC 6121 §4.3.2, §4.6.3)
-        if header.kind == "message" and username in self.standby:
+        held = header.kind == "message" and username in self.standby
+        if held:
             # its standby session here is about to be activated (its node is unreachable):
             # hand the message over then rather than through the offline store, after
             # what waited there (the login's flush holds the user's lock)
             await self._until_available(username, self.limits.standby_hold)
-            async with self.user_lock(username):
-                record = self.users.get(username)
-                if record is not None:
-                    await _awaited(
-                        self._deliver_to(record, stanza, header, confirm=not may_forward)
-                    )
-                    return
-        record = self.users.get(username)
-        if record is not None:  # the user bound while we asked
-            await _awaited(self._deliver_to(record, stanza, header, confirm=not may_forward))
-            return
+        async with self.user_lock(username) if held else nullcontext():
+            record = self.users.get(username)
+            if record is not None:  # the user bound (or was activated) while we asked
+                await _awaited(self._deliver_to(record, stanza, header, confirm=not may_forward))
+                return
         if header.kind == "message" and header.type in OFFLINE_TYPES:
             # stored, or refused when the queue is full or the user does not exist
             await self.messages.deliver_offline(username, stanza, header)

@@ -10,11 +10,15 @@ tells the CLI where the admin APIs are and where the token is.
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
+import random
 import signal
+import socket
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -92,6 +96,31 @@ def default_layout(
         group=GROUP,
         nodes=nodes,
     )
+
+
+def free_ports(
+    hosts: Sequence[str] = ("127.0.0.1", "127.0.0.2"), rng: random.Random | None = None
+) -> tuple[int, int, int]:
+    """Three ports free on every host (c2s, admin, service), below the Linux ephemeral
+    range (32768+) so that no outgoing connection takes one between check and bind."""
+    rng = rng or random.Random()
+    chosen: list[int] = []
+    while len(chosen) < 3:
+        port = rng.randrange(20000, 32000)
+        if port not in chosen and all(_bindable(host, port) for host in hosts):
+            chosen.append(port)
+    return chosen[0], chosen[1], chosen[2]
+
+
+def _bindable(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            if exc.errno in (errno.EADDRINUSE, errno.EACCES):
+                return False
+            raise
+    return True
 
 
 def node_config(layout: PairLayout, node: NodeLayout, extra: dict[str, dict[str, Any]]) -> str:

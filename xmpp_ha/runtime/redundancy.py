@@ -420,10 +420,6 @@ class Redundancy:
             self.assignments[fresh.username] = fresh
         return fresh
 
-    async def claim_user(self, username: str, seen: Assignment) -> bool:
-        """Serve one user here if its assignment is still `seen` (a fenced move)."""
-        return await self._move_one(username, seen, self.node)
-
     async def claim_from_peer(self, usernames: list[str]) -> list[str]:
         """Serve these users here where the peer serves them now (one fenced move)."""
         assert self.peer is not None
@@ -436,18 +432,15 @@ class Redundancy:
         return moved
 
     async def give_user(self, username: str, seen: Assignment) -> bool:
-        """Hand one user served here to the peer if its assignment is still `seen`."""
+        """Hand one user served here to the peer if its assignment is still `seen` (a
+        fenced move); its sessions here end."""
         assert self.peer is not None
-        return await self._move_one(username, seen, self.peer.name)
-
-    async def _move_one(self, username: str, seen: Assignment, to_node: str) -> bool:
-        if not await self.cluster.claim(username, to_node, seen.epoch):
+        if not await self.cluster.claim(username, self.peer.name, seen.epoch):
             return False
         self.assignments[seen.username] = Assignment(
-            seen.username, seen.home_node, to_node, seen.epoch + 1
+            seen.username, seen.home_node, self.peer.name, seen.epoch + 1
         )
-        if to_node != self.node:
-            self._disconnect(lambda name: name == seen.username)
+        self._disconnect(lambda name: name == seen.username)
         return True
 
     def _moved_away(self, username: str) -> bool:
