@@ -102,6 +102,10 @@ class UserRecord:
     def available(self) -> list[ClientSession]:
         return [s for s in self.sessions.values() if s.available]
 
+    def presence_due(self) -> bool:
+        """A session just activated (dual connections) is about to send its presence."""
+        return any(s.presence_due for s in self.sessions.values())
+
     def interested(self) -> Iterator[ClientSession]:
         """Sessions that asked for the roster and so get roster pushes (RFC 6121 §2.1.6)."""
         return (s for s in self.sessions.values() if s.roster_requested)
@@ -346,7 +350,7 @@ class SessionManager:
         queue = self._in_transit.get(username)
         if queue is None:
             record = self.users.get(username)
-            if record is not None:
+            if record is not None and not (header.kind == "message" and record.presence_due()):
                 return self._deliver_to(record, stanza, header, confirm=not may_forward)
             queue = self._in_transit[username] = deque()
             self.spawn(self._forward_in_transit(username, queue))
@@ -423,12 +427,20 @@ class SessionManager:
             return
         if header.kind == "presence" and header.type not in SUBSCRIPTION_TYPES:
             return  # presence for someone offline is dropped (RFC 6121 §4.3.2, §4.6.3)
-        held = header.kind == "message" and username in self.standby
+        record = self.users.get(username)
+        held = header.kind == "message" and (
+            username in self.standby or (record is not None and record.presence_due())
+        )
         if held:
-            # its standby session here is about to be activated (its node is unreachable):
-            # hand the message over then rather than through the offline store, after
-            # what waited there (the login's flush holds the user's lock)
+            # its standby session here is about to be activated (its node is unreachable),
+            # or was just activated and its presence is on its way: hand the message over
+            # then rather than through the offline store, after what waited there (the
+            # flush at presence holds the user's lock)
             await self._until_available(username, self.limits.standby_hold)
+            record = self.users.get(username)
+            if record is not None and not record.available():
+                for session in record.sessions.values():
+                    session.presence_due = False  # no presence came: stop holding
         async with self.user_lock(username) if held else nullcontext():
             record = self.users.get(username)
             if record is not None:  # the user bound (or was activated) while we asked

@@ -21,6 +21,7 @@ from dataclasses import replace
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
+from xmpp_ha.core.batch import Batcher
 from xmpp_ha.core.errors import StanzaCondition, StanzaError
 from xmpp_ha.core.jid import JID
 from xmpp_ha.im.offline import OfflineWriter
@@ -64,6 +65,8 @@ class MessageService:
     def __init__(self, manager: SessionManager) -> None:
         self.manager = manager
         self.offline = OfflineWriter(manager.repo, manager.limits.offline_messages_per_user)
+        # logins at one time share one look for stored messages (most find none)
+        self._has_offline: Batcher[str, bool] = Batcher(self._users_with_offline)
 
     def outbound(
         self, session: ClientSession, stanza: ET.Element, header: StanzaHeader
@@ -148,6 +151,7 @@ class MessageService:
                 for target in targets:
                     target.send(stanza)
                 return
+            _forget_lookups(record)
             kept = await self.offline.store(username, _stored_text(self._stamped(stanza)))
         if kept:
             self._stored(username)
@@ -167,10 +171,22 @@ class MessageService:
         delay(copy, from_domain=self.manager.domain, stamp=utc_stamp())
         return copy
 
+    def look_for_offline(self, session: ClientSession) -> None:
+        """Start looking for the user's stored messages now: a standby session was just
+        activated and its presence comes one round trip later. `flush_offline` uses the
+        answer unless messages were stored for the user meanwhile (then it looks again)."""
+        assert session.jid is not None
+        lookup = asyncio.ensure_future(self._has_offline(session.jid.local))
+        lookup.add_done_callback(lambda done: done.cancelled() or done.exception())
+        session.offline_lookup = lookup
+
     async def flush_offline(self, session: ClientSession) -> None:
         """Deliver stored messages to a session that just sent initial presence."""
         assert session.jid is not None
         async with self.manager.user_lock(session.jid.local):
+            lookup, session.offline_lookup = session.offline_lookup, None
+            if not await (lookup or self._has_offline(session.jid.local)):
+                return
             stored = await self.manager.repo.take_offline(session.jid.local)
             if not stored:
                 return
@@ -182,6 +198,10 @@ class MessageService:
                 return
             for text in stored:
                 session.send(ET.fromstring(text))
+
+    async def _users_with_offline(self, usernames: list[str]) -> list[bool]:
+        found = await self.manager.repo.users_with_offline(usernames)
+        return [username in found for username in usernames]
 
     def redeliver(self, messages: list[ET.Element]) -> list[Awaitable[None]]:
         """Messages a dead session never acknowledged go where the user is now: another
@@ -204,6 +224,7 @@ class MessageService:
         sessions here, if it has any (they flushed the store when they became
         available, possibly just before those messages were written)."""
         record = self.manager.users.get(username)
+        _forget_lookups(record)
         if record is None or not _highest_priority(record):
             return
         async with self.manager.user_lock(username):
@@ -216,6 +237,12 @@ class MessageService:
                 stanza = ET.fromstring(text)
                 for target in targets:
                     target.send(stanza)
+
+
+def _forget_lookups(record: UserRecord | None) -> None:
+    """Messages were stored for the user: a look for them started earlier is stale."""
+    for session in record.sessions.values() if record is not None else ():
+        session.offline_lookup = None
 
 
 def _receipts(targets: list[ClientSession]) -> Awaitable[None] | None:

@@ -81,6 +81,7 @@ class PresenceService:
         initial = not session.available
         session.priority = priority_of(stanza)
         session.available = True
+        session.presence_due = False
         session.presence = stanza
         record = session.record
         for own in record.available():

@@ -84,6 +84,9 @@ class ClientSession:
         self.listed = False  # in the manager's registry, bind announced to hooks
         self.standby = False  # bound but inactive (dual connections): gets nothing routed
         self._activation: asyncio.Future[None] | None = None  # see activate()
+        # activated, its presence not sent yet: messages wait for it (not the offline store)
+        self.presence_due = False
+        self.offline_lookup: asyncio.Future[bool] | None = None  # see look_for_offline()
         self.hibernated_until: float | None = None
         self.attributes: dict[str, object] = {}  # per-session data of plug-ins
         self._scram: ScramServer | None = None
@@ -488,13 +491,18 @@ class ClientSession:
 
     async def _activate(self) -> None:
         assert self.standby and self.jid is not None
-        self.manager.drop_standby(self)
-        record = await self.manager.bind(self, self.jid)
+        self.presence_due = True
+        try:  # listed as a standby until bound: messages for the user wait meanwhile
+            record = await self.manager.bind(self, self.jid)
+        finally:
+            self.manager.drop_standby(self)
         self.standby = False
         self.record = record
         if self._closed:  # the connection went while the roster loaded
             self.manager.unbind(self)
             self.record = None
+            return
+        self.manager.messages.look_for_offline(self)
 
     def _enable_sm(self, resume: bool) -> None:
         sm = StreamManagement()

@@ -62,6 +62,8 @@ class DualConnections:
         self._releases: dict[int, asyncio.Future[tuple[bool, str]]] = {}
         # activations that take users from a closed peer at one time share one move
         self._claim: Batcher[str, bool] = Batcher(self._claim_batch)
+        # plans asked at one time (a switch of many users) share one read of the limits
+        self._relogin_limits: Batcher[str, tuple[float, float]] = Batcher(self._read_limits)
 
     def install(self, hooks: Hooks) -> None:
         hooks.stream_features.append(self._stream_features)
@@ -110,15 +112,22 @@ class DualConnections:
         peer = redundancy.peer
         assert peer is not None and self.member.cluster is not None
         try:
-            info = await self.member.cluster.get_node(redundancy.node)
+            lower, upper = await self._relogin_limits(redundancy.node)
         except StoreUnavailable as exc:
             raise StanzaError(StanzaCondition.INTERNAL_SERVER_ERROR, "store unavailable") from exc
-        lower, upper = (info.relogin_lower, info.relogin_upper) if info else (120.0, 537.0)
         plan = ET.Element(PLAN, {
             "node": peer.name, "host": peer.host, "port": str(peer.c2s_port),
             "delay": f"{random.uniform(lower, upper):.3f}",
         })  # fmt: skip
         session.send(iq_result(iq, plan, sender=self.member.node.config.node.domain))
+
+    async def _read_limits(self, nodes: list[str]) -> list[tuple[float, float]]:
+        assert self.member.cluster is not None
+        limits: dict[str, tuple[float, float]] = {}
+        for node in set(nodes):  # in practice one: this node
+            info = await self.member.cluster.get_node(node)
+            limits[node] = (info.relogin_lower, info.relogin_upper) if info else (120.0, 537.0)
+        return [limits[node] for node in nodes]
 
     # --- activation asked by the client ---------------------------------------------
 

@@ -609,7 +609,8 @@ class ClusterStore(EngineStore):
             .values(current_node=current, epoch=assignments.c.epoch + 1)
             .returning(assignments.c.username)
         )
-        async with self._transaction(write=True, lock=_ASSIGN_LOCK) as conn:
+        # urgent: users wait for their move; on SQLite it goes before queued offline writes
+        async with self._transaction(write=True, lock=_ASSIGN_LOCK, urgent=True) as conn:
             return sorted(await conn.scalars(statement))
 
     async def move_users(self, from_node: str, to_node: str) -> list[str]:

@@ -103,6 +103,10 @@ class Repository(Protocol):
         """Remove and return the user's queued stanzas, oldest first."""
         ...
 
+    async def users_with_offline(self, usernames: Sequence[str]) -> set[str]:
+        """Which of these users have queued stanzas (one read for many logins)."""
+        ...
+
     async def count_offline(self, username: str) -> int: ...
 
     # health

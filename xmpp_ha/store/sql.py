@@ -676,6 +676,22 @@ class SQLStore(EngineStore):
                 )
         return [row.stanza for row in queued]
 
+    async def users_with_offline(self, usernames: Sequence[str]) -> set[str]:
+        names = {username.casefold(): username for username in usernames}
+        found: set[str] = set()
+        for chunk in _chunks(list(names)):
+            marks = ", ".join("?" * len(chunk))
+            sql = f"SELECT DISTINCT username FROM offline_messages WHERE username IN ({marks})"
+            rows = await self._sqlite_rows(sql, tuple(chunk))
+            if rows is None:
+                query = select(offline_messages.c.username).where(
+                    offline_messages.c.username.in_(chunk)
+                )
+                async with self._transaction() as conn:
+                    rows = list((await conn.execute(query.distinct())).all())
+            found.update(names[row[0]] for row in rows)
+        return found
+
     async def count_offline(self, username: str) -> int:
         async with self._transaction() as conn:
             return await self._count_offline(conn, username.casefold())
