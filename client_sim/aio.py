@@ -281,6 +281,7 @@ async def login(
     on_event: Callable[[ClientEvent], None] | None = None,
     key_cache: SaltedPasswordCache | None = None,
     standby: bool = False,
+    resumable: bool = True,
 ) -> AioClient:
     """Connect, STARTTLS, authenticate, bind (or resume), and send initial presence.
 
@@ -288,7 +289,8 @@ async def login(
     so the login is complete on the server too. `on_event` sees the login's
     events too (a stream error's see-other-host address, for one). `standby`
     binds an inactive standby session (dual connections; no presence is sent,
-    and `wait_started()` says whether the server confirmed it). Raises
+    and `wait_started()` says whether the server confirmed it). With `sm`,
+    `resumable` asks for XEP-0198 resumption (never for a standby). Raises
     `LoginError` (or `TimeoutError`, `OSError`) and leaves no connection open
     on failure.
     """
@@ -299,7 +301,7 @@ async def login(
         mechanism=mechanism,
         resource=resource,
         stream_management=sm,
-        resumable=not standby,  # a standby session is the way back itself
+        resumable=resumable and not standby,  # a standby session is the way back itself
         resume=resume,
         key_cache=key_cache,
         standby=standby,

@@ -56,10 +56,12 @@ class AioDualClient(DualDriver[AioClient, ssl.SSLContext]):
     # --- connections --------------------------------------------------------------------
 
     async def _login(self, host: str, port: int) -> AioClient:
+        # not resumable: the standby is the way back (a session kept for resumption
+        # would hold the user's messages on the node it left)
         return await login(
             host, port, self.jid, self.password, ssl_context=self.context,
             resource=self.resource, sm=True, key_cache=self.key_cache, timeout=self.timeout,
-            on_message=self._message,
+            on_message=self._message, resumable=False,
         )  # fmt: skip
 
     async def _open_standby(self, host: str, port: int) -> AioClient:

@@ -65,13 +65,15 @@ async def loop_errors() -> AsyncIterator[list[dict[str, Any]]]:
 
 
 class Recorder:
-    """A PeerHandler that records; `gate` holds on_routed, `fail` payloads raise."""
+    """A PeerHandler that records; `gate` holds on_routed (only the `hold` payloads when
+    `gate_held_only`), `fail` payloads raise."""
 
     def __init__(self) -> None:
         self.events: list[str] = []
         self.messages: list[dict[str, object]] = []
         self.routed: list[dict[str, object]] = []
         self.gate: asyncio.Event | None = None
+        self.gate_held_only = False
         self.entered = asyncio.Event()
 
     def on_connected(self, peer_version: str) -> None:
@@ -85,7 +87,7 @@ class Recorder:
 
     async def on_routed(self, payload: dict[str, object]) -> None:
         self.entered.set()
-        if self.gate is not None:
+        if self.gate is not None and (payload.get("hold") or not self.gate_held_only):
             await self.gate.wait()
         if payload.get("fail"):
             raise RuntimeError("refused by the test handler")
@@ -301,6 +303,21 @@ async def test_a_slow_handler_pauses_reading_without_losing_order(make_link: Mak
     await wait_until(lambda: pair.h1.messages == [{"t": "hb"}])
 
 
+async def test_a_slow_payload_does_not_hold_up_the_next_but_acks_stay_in_order(
+    make_link: MakeLink,
+) -> None:
+    pair = await connected_pair(make_link)
+    pair.h2.gate, pair.h2.gate_held_only = asyncio.Event(), True
+    slow = pair.n1.route({"index": 0, "hold": True})
+    fast = [pair.n1.route({"index": index}) for index in range(1, 4)]
+    await wait_until(lambda: len(pair.h2.routed) == 3)  # handled while payload 0 waits
+    await asyncio.sleep(0.1)
+    assert not slow.done() and not any(future.done() for future in fast)  # acks in order
+    pair.h2.gate.set()
+    assert await asyncio.wait_for(asyncio.gather(slow, *fast), 5) == [True] * 4
+    assert [payload["index"] for payload in pair.h2.routed] == [1, 2, 3, 0]
+
+
 async def test_handler_raising_gives_a_negative_ack(
     make_link: MakeLink, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -334,9 +351,10 @@ async def test_link_aborted_mid_flight_fails_pending_routes_once(
     assert all(future.done() and future.result() is False for future in futures)
     assert not pair.n1.connected and pair.h1.events == ["up:n2-1.0", "down"]
     await wait_until(lambda: "down" in pair.h2.events)  # n2 saw the loss too
-    pair.h2.gate.set()  # payload 0 completes on n2: its ack has nowhere to go
+    pair.h2.gate.set()  # what reached n2 is handled there: the acks have nowhere to go
     await wait_until(lambda: pair.n1.connected and pair.n2.connected)  # n1 redials
-    assert [payload["index"] for payload in pair.h2.routed] == [0]  # the rest was dropped
+    handled = [payload["index"] for payload in pair.h2.routed]
+    assert handled and handled == list(range(len(handled)))  # in order; the rest dropped
     assert await pair.n1.route({"index": 10}) is True
     assert [future.result() for future in futures] == [False] * 10
     assert pair.h1.events == ["up:n2-1.0", "down", "up:n2-1.0"]

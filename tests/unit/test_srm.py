@@ -8,7 +8,7 @@ served by two nodes and that nothing but ActionNotAllowed is raised.
 
 Defects the simulation found were named D1..D11; the fixed ones are plain tests
 now. D7 (stale signals to a restarted SRM: fixed in the runtime by SRM
-incarnations, not modelled here), D8 and D11 remain strict xfails.
+incarnations, not modelled here) and D11 remain strict xfails.
 """
 
 from __future__ import annotations
@@ -726,13 +726,9 @@ def test_stale_signals_do_not_reach_the_next_incarnation() -> None:
     expect(pair, (S.FAILED_OVER, R.INITIALIZATION), (S.BACKUP_MODE, R.PEER_DOWN_DURING_INIT))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="D8: an SRM restarted while Failing Over (before the peer recorded the move)"
-    " starts Initializing with its services still stopped and goes Normal whatever the peer"
-    " reports; the late take-over request then leaves it failing over for ever",
-)
 def test_srm_restarted_while_failing_over_ends_consistent() -> None:
+    """D8 (fixed: a manual failover stops the services once the peer holds the users, so a
+    restart while Failing Over no longer finds them stopped with nobody serving)."""
     pair = healthy_pair()
     pair.cut_link()
     pair.failover("n1")

@@ -292,12 +292,11 @@ class SRM:
 
     def _admin_failover(self, trigger: Trigger) -> list[Effect]:
         self._enter(State.FAILING_OVER, Reason.ADMIN)  # row 2
-        # the request first: the peer moves the users and activates their standby
-        # sessions while our services stop (dual-connected clients switch at once)
+        # our services stop once the peer moved the users (_was_taken_over): it activates
+        # their standby sessions first, so dual-connected clients switch without a gap
         return [
             PersistRequest(Move.TAKE_OVER),
             SendPeer(PeerSignal.TAKE_OVER_REQUEST, Reason.ADMIN),
-            StopServices(),
         ]
 
     def _services_down(self, trigger: Trigger) -> list[Effect]:
@@ -330,13 +329,14 @@ class SRM:
         if trigger.move is not Move.TAKE_OVER:
             return []
         if not trigger.ok:
-            return self._fail(Reason.TAKEOVER_FAILED, tell_peer=False)
+            return self._fail_after_failover_request(Reason.TAKEOVER_FAILED)
         by_admin = self.reason is Reason.ADMIN
+        persist = Persist(self.node, by_admin=by_admin)  # also right when the mover restarted
         if by_admin:
             self._enter(State.IDLE, Reason.ADMIN)  # row 3
-        else:
-            self._enter(State.FAILED_OVER_CS_DOWN, self.reason)  # rows 12, 13
-        return [Persist(self.node, by_admin=by_admin)]  # also right when the mover restarted
+            return [persist, StopServices()]
+        self._enter(State.FAILED_OVER_CS_DOWN, self.reason)  # rows 12, 13
+        return [persist]
 
     def _taken_over_unawares(self, trigger: Trigger) -> list[Effect]:
         """The peer took our users while we could not hear it (frozen, partitioned)."""
@@ -431,7 +431,14 @@ class SRM:
         return []
 
     def _peer_failed(self, trigger: Trigger) -> list[Effect]:
-        return self._fail(trigger.reason, tell_peer=False)  # rows 14, 15, 19, 20 (other side)
+        return self._fail_after_failover_request(trigger.reason)  # rows 14, 15, 19, 20
+
+    def _fail_after_failover_request(self, reason: Reason) -> list[Effect]:
+        """Failed mode (the peer knows: it failed itself). A manual failover under way
+        (row 19) stops our services all the same, as its success would have."""
+        stop = self.state is State.FAILING_OVER and self.reason is Reason.ADMIN
+        failed = self._fail(reason, tell_peer=False)
+        return [*failed, StopServices()] if stop else failed
 
     def _recover(self, trigger: Trigger) -> list[Effect]:
         effects: list[Effect] = []

@@ -158,11 +158,12 @@ class SessionManager:
         self.fake_secret = new_token(32).encode()  # keys fake SCRAM salts for unknown users
         self._tasks: set[asyncio.Task[None]] = set()
 
-    def spawn(self, work: Awaitable[None]) -> None:
+    def spawn(self, work: Awaitable[None]) -> asyncio.Future[None]:
         """Run work in the background; failures are logged, never lost silently."""
         task = asyncio.ensure_future(work)
         self._tasks.add(task)
         task.add_done_callback(self._task_done)
+        return task
 
     def _task_done(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
@@ -478,6 +479,16 @@ class SessionManager:
             session.check_timers(now)
         for token, session in list(self.resumable.items()):
             if session.hibernated_until is not None and now >= session.hibernated_until:
+                del self.resumable[token]
+                session.expire_hibernation()
+
+    def end_hibernated(self, which: Callable[[str], bool]) -> None:
+        """End the hibernated (XEP-0198 resumable) sessions of the users `which` selects:
+        they moved to the other node and cannot resume here; what those sessions had not
+        delivered is handed on."""
+        for token, session in list(self.resumable.items()):
+            jid = session.jid
+            if session.hibernated_until is not None and jid is not None and which(jid.local):
                 del self.resumable[token]
                 session.expire_hibernation()
 

@@ -21,9 +21,11 @@ Rules and invariants:
     {"t":"a","s":SEQ,"ok":BOOL}         the answer to a route
   SEQ counts from 1 per connection and direction; a route out of sequence, or
   an ack that is not for the oldest outstanding route, is a protocol error.
-- Routed payloads are handed to `on_routed` one at a time, in order, by one
-  task per connection; acks return in that order. Messages (`on_message`) are
-  delivered at once, so a slow `on_routed` never delays heartbeats.
+- Routed payloads are handed to `on_routed` in order, each in its own task (at
+  most ROUTED_WINDOW at once: one slow delivery, say to a client that does not
+  acknowledge, does not hold up the others); acks return in arrival order, each
+  once its payload and every earlier one was handled. Messages (`on_message`)
+  are delivered at once, so a slow `on_routed` never delays heartbeats.
 - A route future resolves exactly once: True on a positive ack; False on a
   negative ack, on link loss, on stop, or when not connected. False means
   "not confirmed": the peer may have delivered it just before the link broke
@@ -67,8 +69,10 @@ MAX_UNAUTHENTICATED = 16
 # Routed payloads waiting for on_routed before we stop reading the socket.
 INBOUND_HIGH = 4096
 INBOUND_LOW = 1024
+ROUTED_WINDOW = 1024  # routed payloads being handled at once per connection
 CLOSE_GRACE = 1.0  # stop(): how long closing connections may take before abort
 
+_T = typing.TypeVar("_T")
 _encoder = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
 
 
@@ -128,6 +132,7 @@ class _Connection:
         "_inbound",
         "_wakeup",
         "_consumer",
+        "_handling",
         "_paused",
         "version",
         "finished",
@@ -150,6 +155,8 @@ class _Connection:
         self._inbound: collections.deque[tuple[int, dict[str, object]]] = collections.deque()
         self._wakeup: asyncio.Future[None] | None = None
         self._consumer: asyncio.Task[None] | None = None
+        # payloads being handled, in arrival order (acks leave in that order)
+        self._handling: collections.deque[tuple[int, asyncio.Task[bool]]] = collections.deque()
         self._paused = False
         self.version: str | None = None
         self.finished = asyncio.Event()  # set once the socket is gone
@@ -336,9 +343,9 @@ class _Connection:
             future.set_result(ok)
 
     async def _consume(self) -> None:
-        """Hand routed payloads to the handler one by one, and ack each."""
+        """Hand routed payloads to the handler in order, each in its own task."""
         handler = self._link.handler
-        inbound = self._inbound
+        inbound, handling = self._inbound, self._handling
         loop = asyncio.get_running_loop()
         while True:
             if not inbound:
@@ -348,24 +355,38 @@ class _Connection:
                 await self._wakeup
                 self._wakeup = None
                 continue
+            if len(handling) >= ROUTED_WINDOW:
+                await asyncio.wait([handling[0][1]])  # the oldest: its ack frees the window
+                continue
             seq, payload = inbound.popleft()
             if self._paused and len(inbound) <= INBOUND_LOW and self._stream is not None:
                 self._paused = False
                 self._stream.resume_reading()
-            try:
-                await handler.on_routed(payload)
-                ok = True
-            except asyncio.CancelledError as exc:
-                task = asyncio.current_task()
-                if task is None or task.cancelling():
-                    raise  # stop() cancels us
-                log.warning("routed payload %d: the handler was cancelled: %r", seq, exc)
-                ok = False
-            except Exception as exc:
-                log.warning("routed payload %d refused by the handler: %r", seq, exc)
-                ok = False
-            if self._state is _State.OPEN:
-                self._write(_encode({"t": "a", "s": seq, "ok": ok}))
+            task = self._link.spawn(self._handle(handler, seq, payload))
+            handling.append((seq, task))
+            task.add_done_callback(self._ack_handled)
+
+    @staticmethod
+    async def _handle(handler: PeerHandler, seq: int, payload: dict[str, object]) -> bool:
+        try:
+            await handler.on_routed(payload)
+            return True
+        except asyncio.CancelledError as exc:
+            task = asyncio.current_task()
+            if task is None or task.cancelling():
+                raise  # stop() cancels us
+            log.warning("routed payload %d: the handler was cancelled: %r", seq, exc)
+        except Exception as exc:
+            log.warning("routed payload %d refused by the handler: %r", seq, exc)
+        return False
+
+    def _ack_handled(self, _: object = None) -> None:
+        """Ack the handled payloads at the head, in order (none once the link is closed)."""
+        handling = self._handling
+        while handling and handling[0][1].done():
+            seq, task = handling.popleft()
+            if self._state is _State.OPEN and not task.cancelled():
+                self._write(_encode({"t": "a", "s": seq, "ok": task.result()}))
 
     # ------------------------------------------------------------------ output
 
@@ -500,7 +521,7 @@ class PeerLink:
         self._server: asyncio.Server | None = None
         self._dial_task: asyncio.Task[None] | None = None
         self._connections: set[_Connection] = set()
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Task[Any]] = set()
         self._current: _Connection | None = None
         self._queue: collections.deque[bytes] = collections.deque()
         self._started = False
@@ -650,7 +671,7 @@ class PeerLink:
         self._refused += 1
         log.warning("%s", reason)
 
-    def spawn(self, coroutine: typing.Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+    def spawn(self, coroutine: typing.Coroutine[Any, Any, _T]) -> asyncio.Task[_T]:
         task = asyncio.get_running_loop().create_task(coroutine)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)

@@ -247,14 +247,17 @@ class DualConnections:
 
     # --- activation pushed by the server -----------------------------------------------
 
-    def users_arrived(self, usernames: list[str]) -> None:
-        """Users now served here (take-over, fallback, recovery): activate their standbys."""
+    def users_arrived(self, usernames: list[str]) -> list[asyncio.Future[None]]:
+        """Users now served here (take-over, fallback, recovery): activate their standbys.
+        Returns the activations under way (each ends once its push is written)."""
         manager = self.member.node.manager
         if manager is None:
-            return
-        for username in usernames:
-            if username in manager.standby:
-                manager.spawn(self._activate_all(username))
+            return []
+        return [
+            manager.spawn(self._activate_all(username))
+            for username in usernames
+            if username in manager.standby
+        ]
 
     # --- the peer asks us to release a user --------------------------------------------
 
@@ -294,8 +297,5 @@ class DualConnections:
                 return False, "raced"
         except StoreUnavailable:
             return False, "store"
-        for token, session in list(manager.resumable.items()):
-            if session.jid is not None and session.jid.local == username:
-                del manager.resumable[token]
-                session.expire_hibernation()  # its unacknowledged messages follow the user
+        manager.end_hibernated(lambda name: name == username)  # no live one: checked above
         return True, "released"

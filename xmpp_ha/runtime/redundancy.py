@@ -126,8 +126,9 @@ class Redundancy:
         self.fenced = False
         self._peer_lease: int | None = None
         self._effects: asyncio.Queue[Effect | Trigger] = asyncio.Queue()
-        self.on_arrival: Callable[[list[str]], None] | None = None  # users now served here
-        self._tasks: list[asyncio.Task[None]] = []
+        # users now served here: returns the work started for them (standby activations)
+        self.on_arrival: Callable[[list[str]], list[asyncio.Future[None]]] | None = None
+        self._tasks: list[asyncio.Task[object]] = []
 
     # --- life cycle --------------------------------------------------------------
 
@@ -354,7 +355,11 @@ class Redundancy:
             log.error("moving users (%s) failed: %s", move.value, exc)
             return False
         log.info("moved %d users (%s)", len(moved), move.value)
-        await self.reload_assignments()
+        activations = await self.reload_assignments()
+        if activations:
+            # dual-connected clients hear of their move from us (a pushed activation)
+            # before the peer, told the move is done, ends their sessions there
+            await asyncio.wait(activations, timeout=_PUSH_WAIT)
         self._send_peer({"t": "reload"})
         if move is not Move.GIVE_BACK and self.srm.reason in _PEER_GONE:
             # the peer died with their sessions: their contacts here must hear they are gone
@@ -392,16 +397,17 @@ class Redundancy:
             if session.jid is not None and which(session.jid.local):
                 session.stream.fail(condition, "", other_host)
                 session.flush()
+        self.manager.end_hibernated(which)
 
-    async def reload_assignments(self) -> None:
+    async def reload_assignments(self) -> list[asyncio.Future[None]]:
         """Refresh the assignment cache, then end sessions of users no longer served here
-        and tell `on_arrival` about users served here now."""
+        and tell `on_arrival` about users served here now; returns what that started."""
         before = self.assignments
         try:
             self.assignments = await self.cluster.all_assignments()
         except StoreUnavailable as exc:
             log.warning("cannot reload assignments: %s", exc)
-            return
+            return []
         if self.peer is not None and self.srm.state is not State.UNKNOWN:
             self._disconnect(self._moved_away)
             arrived = [
@@ -411,7 +417,8 @@ class Redundancy:
                 and (username not in before or before[username].current_node != self.node)
             ]
             if arrived and self.on_arrival is not None:
-                self.on_arrival(arrived)
+                return self.on_arrival(arrived)
+        return []
 
     async def refresh_assignment(self, username: str) -> Assignment | None:
         """The user's assignment read from the store now (and cached)."""
@@ -532,6 +539,7 @@ class Redundancy:
         }
 
 
+_PUSH_WAIT = 2.0  # s a move waits for the standby activations it started before going on
 _PEER_GONE = frozenset({Reason.PEER_DOWN, Reason.PEER_REBOOT, Reason.PEER_DOWN_DURING_INIT})
 
 # states in which no login is accepted: a move is about to change who serves whom
