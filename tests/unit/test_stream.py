@@ -876,6 +876,18 @@ def test_stanzas_before_enable_are_not_counted() -> None:
     assert talk.server() == expect(f"<a xmlns='{ns.SM}' h='1'/>")
 
 
+def test_stanzas_after_enable_count_before_the_session_answers_it() -> None:
+    """XEP-0198: the client counts from its <enable/>, so must the server, even for
+    stanzas that arrive before it wrote <enabled/> (the same read, or a slow session)."""
+    talk = established()
+    events = talk.client(ENABLE + MESSAGE + BIND.replace(b"bind_1", b"again"))
+    assert events[0] == SMEnableRequested(resume=True) and len(events) == 2
+    talk.stream.sm_enabled(StreamManagement())
+    talk.server()
+    talk.client(MESSAGE + R)
+    assert talk.server()[-1] == expect(f"<a xmlns='{ns.SM}' h='3'/>")[0]
+
+
 def test_a_acknowledges_sent_stanzas() -> None:
     sm = StreamManagement()
     talk = established(sm)

@@ -174,6 +174,9 @@ class C2SStream:
         self.username = ""  # set by sasl_success
         self.jid: JID | None = None  # full JID, set by bind_succeeded
         self.sm: StreamManagement | None = None
+        # stanzas received after <enable/> before the session answered it: XEP-0198
+        # counts from the enable request on (the client counts from when it sent it)
+        self._sm_early: int | None = None
         self.lang = "en"
         self.encrypted = False  # TLS established (every phase from AUTH on requires it)
 
@@ -265,7 +268,9 @@ class C2SStream:
         return sm.unacked()
 
     def sm_enabled(self, sm: StreamManagement, resume_id: str = "", max_seconds: int = 0) -> None:
-        self.sm = sm
+        for _ in range(self._sm_early or 0):
+            sm.count_inbound()
+        self.sm, self._sm_early = sm, None
         attrs = f" id='{_escape(resume_id)}' resume='true' max='{max_seconds}'" if resume_id else ""
         self._out.append(f"<enabled xmlns='{ns.SM}'{attrs}/>".encode())
 
@@ -390,9 +395,14 @@ class C2SStream:
             if claimed_jid != self.jid and claimed_jid != self.jid.bare:
                 raise StreamError(StreamCondition.INVALID_FROM, "from must be your own JID")
         stanza.set("from", str(self.jid))
+        self._count_inbound()
+        events.append(StanzaReceived(stanza))
+
+    def _count_inbound(self) -> None:
         if self.sm is not None:
             self.sm.count_inbound()
-        events.append(StanzaReceived(stanza))
+        elif self._sm_early is not None:
+            self._sm_early += 1
 
     # one handler per (phase, element), the transition table
     def _starttls(self, element: ET.Element, events: list[StreamEvent]) -> None:
@@ -439,9 +449,10 @@ class C2SStream:
         events.append(BindRequested(iq_id, resource, standby))
 
     def _sm_enable(self, element: ET.Element, events: list[StreamEvent]) -> None:
-        if self.sm is not None:
+        if self.sm is not None or self._sm_early is not None:
             self.sm_failed("unexpected-request")
             return
+        self._sm_early = 0
         resume = element.get("resume", "false") in ("true", "1")
         events.append(SMEnableRequested(resume))
 
@@ -478,8 +489,7 @@ class C2SStream:
                 f"<iq type='error' id='{_escape(element.get('id', ''))}'><error type='cancel'>"
                 f"<not-allowed xmlns='{ns.STANZAS}'/></error></iq>".encode()
             )
-            if self.sm is not None:
-                self.sm.count_inbound()
+            self._count_inbound()
             return
         self._on_stanza(element, events)
 
