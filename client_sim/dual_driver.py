@@ -22,6 +22,7 @@ from xmpp_ha.protocol import ns
 PLAN = ns.tag(ns.DUAL, "plan")
 ACTIVATE = ns.tag(ns.DUAL, "activate")
 _IQ = ns.tag(ns.CLIENT, "iq")
+PROBE_PREFIX = "probe-"  # ids of the messages a client sends itself to time a switch
 
 
 class Connection(Protocol):
@@ -111,10 +112,10 @@ class DualDriver(Generic[C, X]):
             connection.send_stanza(stanza)
 
     def _on_message(self, event: MessageReceived, now: float) -> None:
-        own = self.active.jid if self.active is not None else ""
-        if self._probe_id and event.id == self._probe_id and event.sender == own:
-            self._probe_id = ""
-            self.core.probe_returned(now)
+        if event.id.startswith(PROBE_PREFIX) and event.sender.partition("/")[0] == self.jid:
+            if event.id == self._probe_id:  # else a late copy (handed on by the old node)
+                self._probe_id = ""
+                self.core.probe_returned(now)
             return
         if self.core.message_received(event.sender, event.id) and self.on_message is not None:
             self.on_message(event)
@@ -177,7 +178,7 @@ class DualDriver(Generic[C, X]):
         connection = self.active
         if connection is None or connection.closed:
             return
-        self._probe_id = f"probe-{next(self._probes)}"
+        self._probe_id = f"{PROBE_PREFIX}{next(self._probes)}"
         probe = ET.Element(ns.tag(ns.CLIENT, "message"),
                            {"to": connection.jid, "type": "chat", "id": self._probe_id})  # fmt: skip
         ET.SubElement(probe, ns.tag(ns.CLIENT, "body")).text = "probe"

@@ -86,6 +86,7 @@ from client_sim.dual import (
 from xmpp_ha.protocol import ns
 
 log = logging.getLogger(__name__)
+_PROBE_PREFIX = "ha-dual-probe-"  # messages to ourselves that time a switch
 
 PLAN = ns.tag(ns.DUAL, "plan")
 ACTIVATE = ns.tag(ns.DUAL, "activate")
@@ -409,13 +410,14 @@ class HADual(BasePlugin):
             return stanza
         if isinstance(stanza, Message) and stanza["type"] != "error":
             sender, message_id = str(stanza["from"]), str(stanza["id"])
-            if self._probe_id and message_id == self._probe_id:
-                if sender == self.app.boundjid.full:
+            own = stanza["from"].bare == self.app.boundjid.bare
+            if own and message_id.startswith(_PROBE_PREFIX):
+                if message_id == self._probe_id:  # else a late copy the old node handed on
                     self._probe_id = ""
                     self.core.probe_returned(self._loop.time())
                     if self.core.downtimes:
                         self.app.event("ha_dual_switched", self.core.downtimes[-1])
-                    return None
+                return None
             if not self.core.message_received(sender, message_id):
                 return None
         return stanza
@@ -572,7 +574,7 @@ class HADual(BasePlugin):
         """A message to our own full JID: its return ends the switch's downtime."""
         if self.wire is None or self.wire.target is None:
             return
-        self._probe_id = f"ha-dual-probe-{next(self._probes)}"
+        self._probe_id = f"{_PROBE_PREFIX}{next(self._probes)}"
         probe = self.app.make_message(self.app.boundjid.full, "probe", mtype="chat")
         probe["id"] = self._probe_id
         probe.send()

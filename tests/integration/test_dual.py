@@ -200,7 +200,9 @@ async def test_kill_9_the_client_activates_its_standby_and_misses_nothing(pair: 
         await client.aclose()
 
 
-async def test_manual_failover_pushes_activation(pair: HAPair) -> None:
+async def test_manual_failover_pushes_activation_and_the_idle_node_takes_standbys(
+    pair: HAPair,
+) -> None:
     alice, home, standby, sender = await alice_with_standby(pair)
 
     await pair.failover("n1")
@@ -214,7 +216,27 @@ async def test_manual_failover_pushes_activation(pair: HAPair) -> None:
     await next_message(standby, "after the failover")
     await pair.wait_states({"n2": (State.BACKUP_MODE, Reason.ADMIN)})
 
-    for client in (standby, sender):
+    # n1 is Idle, its services stopped: its standby door lets standby sessions in, and
+    # only those (an active login is pointed at n2); the fallback pushes the one opened
+    await pair.wait_states({"n1": (State.IDLE, Reason.ADMIN)})
+    status = await pair.node_status("n1")
+    assert status["standby_door"] and not status["services"]["client listener"], status
+    active = await authenticated(pair, "n1", alice)
+    await active.send(f"<iq type='set' id='b1'><bind xmlns='{BIND_NS}'/></iq>")
+    refusal = await active.expect_stream_error(STEP)
+    assert refusal.condition == "see-other-host", refusal
+    back = await connect(pair, "n1", alice, standby=True)
+    await pair.wait_counter("n1", "JsmSessionsClientInactive", 1)
+    await pair.fallback("n1")
+    push = await back.expect("iq", STEP)
+    assert push.get("type") == "set" and push.find(tag(DUAL_NS, "activate")) is not None
+    await back.send(f"<iq type='result' id='{push.get('id')}'/>")
+    await back.send("<presence/>")
+    await chat(sender, alice, "home again", "f2")
+    await next_message(back, "home again")
+    assert not (await pair.node_status("n1"))["standby_door"]
+
+    for client in (standby, sender, back):
         await client.aclose()
 
 

@@ -17,6 +17,7 @@ import pytest
 from client_sim.aio_dual import AioDualClient
 from client_sim.xmpp import MessageReceived, SaltedPasswordCache
 from tests.integration.pair_harness import PASSWORD, HAPair, running_pair
+from xmpp_ha.ha.model import State
 from xmpp_ha.store.cluster import ClusterStore
 
 PER_NODE = 3
@@ -93,19 +94,35 @@ async def run_failover(pair: HAPair, inject: str) -> None:
         await asyncio.sleep(0.5)
         if inject == "kill":
             pair.kill("n1")
+        elif inject == "freeze":
+            pair.freeze("n1")
         else:
             await pair.failover("n1")
         await until(lambda: all(len(r.core.downtimes) == 1 for r in receivers), "switched")
         assert all(r.serving_node == "n2" for r in receivers)
+        if inject == "freeze":
+            pair.thaw("n1")
+        if inject == "upgrade":  # n1 stopped and started again while Idle, then fallback
+            await pair.wait_states({"n1": (State.IDLE, None)})
+            await pair.terminate("n1")
+            await pair.restart("n1")
+            await until(lambda: all(r.core.standby == "n1" for r in receivers), "standby on n1")
+            await pair.fallback("n1")
+            await until(lambda: all(len(r.core.downtimes) == 2 for r in receivers), "back home")
+            assert all(r.serving_node == "n1" for r in receivers)
         await asyncio.sleep(0.5)
         stop.set()
         await asyncio.gather(*chats)
         await until(lambda: traffic.sent <= set(traffic.received), "every message arrived", 10)
         assert traffic.sent == set(traffic.received)
         assert all(count == 1 for count in traffic.received.values()), "a duplicate reached the app"
-        for receiver in receivers:  # a manual failover may push, or n1 may drop them first
-            downtime = receiver.core.downtimes[0]
-            assert downtime.seconds is not None and (inject == "manual" or not downtime.pushed)
+        for receiver in receivers:
+            downtimes = receiver.core.downtimes
+            assert all(downtime.seconds is not None for downtime in downtimes)
+            if inject == "kill":  # the client noticed first and asked
+                assert not downtimes[0].pushed
+            if inject in ("freeze", "manual", "upgrade"):  # the server pushed
+                assert downtimes[0].pushed
     finally:
         for user in everyone:
             await user.close()
@@ -117,6 +134,15 @@ async def test_kill_9_dual_clients_switch_and_lose_nothing(pair: HAPair) -> None
 
 async def test_manual_failover_pushes_dual_clients_and_loses_nothing(pair: HAPair) -> None:
     await run_failover(pair, "manual")
+
+
+async def test_sigstop_pushes_dual_clients_and_loses_nothing(pair: HAPair) -> None:
+    await run_failover(pair, "freeze")
+
+
+async def test_upgrade_moves_dual_clients_there_and_back_without_a_login(pair: HAPair) -> None:
+    """Manual failover, n1 restarted while Idle (its standby door open), fallback."""
+    await run_failover(pair, "upgrade")
 
 
 async def test_gevent_dual_clients_switch_on_kill_9_and_lose_nothing(pair: HAPair) -> None:

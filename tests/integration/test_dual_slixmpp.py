@@ -193,10 +193,25 @@ async def run_failover(pair: HAPair, inject: str) -> None:
         if inject == "restart":  # n2 takes over, then n1 comes back failed over
             await pair.wait_states({"n2": (State.BACKUP_MODE, None)})
             await pair.restart("n1")
-        if inject in ("fallback", "restart"):
+        opened = [len(a.standbys) for a in apps]
+        if inject == "upgrade":  # n1 is Idle: stopped for the upgrade, started again
+            await pair.wait_states({"n1": (State.IDLE, None)})
+            await pair.terminate("n1")
+            opened = [len(a.standbys) for a in apps]
+            await pair.restart("n1")
+        if inject in ("fallback", "restart", "upgrade"):
             # the new plan from n2 opens a standby on n1 while it is failed over
+            def standby_on_n1(app: App, before: int) -> bool:
+                return len(app.standbys) > before and app.standbys[-1] == "n1"
+
             try:
-                await until(lambda: all(a.standbys == ["n2", "n1"] for a in apps), "standby on n1")
+                await until(
+                    lambda: (
+                        all(map(standby_on_n1, apps, opened))
+                        and all(a.dual.standby is not None for a in apps)
+                    ),
+                    "standby on n1",
+                )
             except AssertionError as exc:
                 n1 = await pair.node_status("n1")
                 raise AssertionError(f"{exc}; n1: {n1['state']} {n1['services']}") from None
@@ -253,16 +268,17 @@ async def test_manual_failover_pushes_the_application_to_its_standby(pair: HAPai
     await run_failover(pair, "manual")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="server: a node failed over by the admin API stays Idle with its client listener "
-    "stopped until the fallback, so no standby can be opened on it (docs/dual-connections.md "
-    "section 3 says it accepts standby sessions as soon as it runs again)",
-)
 async def test_fallback_moves_the_application_home_without_a_login(pair: HAPair) -> None:
-    """Manual failover, then fallback: the plan from n2 opens a standby on n1 meanwhile, and
-    the fallback moves the application home over it."""
+    """Manual failover, then fallback: the plan from n2 opens a standby on n1 meanwhile
+    (through its standby door: n1 is Idle, its services stopped), and the fallback moves
+    the application home over it."""
     await run_failover(pair, "fallback")
+
+
+async def test_upgrade_failover_restart_fallback_without_a_login(pair: HAPair) -> None:
+    """An upgrade: manual failover of n1, n1 stopped and started again (still Idle), then
+    fallback: the applications never log in again."""
+    await run_failover(pair, "upgrade")
 
 
 async def test_without_the_offer_the_plugin_does_nothing(node_factory: Any) -> None:

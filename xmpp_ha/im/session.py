@@ -59,9 +59,14 @@ class Transport(Protocol):
 
 
 class ClientSession:
-    def __init__(self, manager: SessionManager, transport: Transport) -> None:
+    def __init__(
+        self, manager: SessionManager, transport: Transport, *, standby_only: bool = False
+    ) -> None:
         self.manager = manager
         self.transport = transport
+        # came through the standby door of a node whose services are stopped: may log in
+        # and bind an inactive standby session, nothing else
+        self.standby_only = standby_only
         self.stream = C2SStream(
             domain=manager.domain,
             new_stream_id=lambda: manager.new_token(12),
@@ -322,7 +327,7 @@ class ClientSession:
     # --- SASL ---------------------------------------------------------------
 
     def _sasl_start(self, event: stream.SaslStarted) -> Awaitable[None] | None:
-        if not self.manager.switches.authentication:
+        if not (self.manager.switches.authentication or self.standby_only):
             self.stream.sasl_failure("temporary-auth-failure", "authentication service stopped")
             return None
         if event.mechanism == "PLAIN":
@@ -422,13 +427,23 @@ class ClientSession:
         return features
 
     async def _bind(self, event: stream.BindRequested) -> None:
+        if event.standby and self.standby_only:
+            await self._bind_standby(event)
+            return
+        guard = self.manager.hooks.login_guard
+        if self.standby_only:  # an active session here: pointed at the node that serves
+            refusal = await guard(self.stream.username) if guard is not None else None
+            if refusal is not None:
+                self.stream.fail(refusal.condition, refusal.text, refusal.other_host)
+            else:
+                self.stream.fail(StreamCondition.SYSTEM_SHUTDOWN, "services stopped")
+            return
         if not self.manager.switches.session_manager:
             self.stream.bind_failed(event.iq_id, "service-unavailable")
             return
         if event.standby:
             await self._bind_standby(event)
             return
-        guard = self.manager.hooks.login_guard
         if guard is not None:
             refusal = await guard(self.stream.username)
             if refusal is not None:

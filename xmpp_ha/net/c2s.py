@@ -70,7 +70,9 @@ class _Handler:
             conn.close()
             return
         server.connection_count += 1
-        self._session = ClientSession(server.manager, _Transport(conn, server.tls_context))
+        self._session = ClientSession(
+            server.manager, _Transport(conn, server.tls_context), standby_only=server.standby_only
+        )
 
     def data_received(self, data: bytes) -> None:
         if self._session is not None:
@@ -105,6 +107,9 @@ class C2SServer:
         self.connection_count = 0
         self.refused = 0
         self._server: asyncio.Server | None = None
+        # the standby door (dual connections): listening while the client listener service
+        # is stopped, for inactive standby sessions only
+        self.standby_only = False
         self._bound_port = 0  # kept across stop/start, so a restarted listener is found again
 
     @property
@@ -113,11 +118,35 @@ class C2SServer:
 
     @property
     def listening(self) -> bool:
+        """Accepting clients (the client listener service); not while only the door is open."""
+        return self._open() and not self.standby_only
+
+    @property
+    def door_open(self) -> bool:
+        return self._open() and self.standby_only
+
+    def _open(self) -> bool:
         return self._server is not None and self._server.is_serving()
 
     async def start(self) -> None:
+        if self.door_open:
+            await self.stop()  # the standby sessions it let in stay
+        await self._listen()
+
+    async def open_door(self) -> None:
+        """Listen for standby sessions only (the services are stopped); no-op if listening."""
+        if self._open():
+            return
+        self.standby_only = True
+        try:
+            await self._listen()
+        except BaseException:
+            self.standby_only = False
+            raise
+
+    async def _listen(self) -> None:
         loop = asyncio.get_running_loop()
-        if self.listening:
+        if self._open():
             return
         self._server = await loop.create_server(
             lambda: StreamConnection(lambda: _Handler(self)),
@@ -127,10 +156,12 @@ class C2SServer:
             reuse_address=True,
         )
         self._bound_port = int(self._server.sockets[0].getsockname()[1])
-        log.info("c2s listening on %s:%d", self.host, self.port)
+        kind = "standby sessions only" if self.standby_only else "clients"
+        log.info("c2s listening on %s:%d for %s", self.host, self.port, kind)
 
     async def stop(self) -> None:
         """Stop accepting; sessions already open are the session manager's to close."""
         if self._server is not None:
             self._server.close()
             self._server = None
+        self.standby_only = False

@@ -72,6 +72,7 @@ def node_status(member: GroupMember) -> dict[str, Any]:
         "name": config.node.name,
         "host": config.ha.advertise_host,
         "c2s_port": node.c2s.port,
+        "standby_door": node.c2s.door_open,  # Idle: only standby sessions may log in
         "admin_port": member.admin.port if member.admin is not None else 0,
         "service_port": member.link.port if member.link is not None else 0,
         "peer": member.redundancy.peer.name if member.redundancy.peer else None,

@@ -17,7 +17,11 @@ this module decides everything that depends on the redundancy group:
 - activation pushed by the server to every standby session of a user that
   arrives here (take-over, fallback, recovery), so clients switch without
   noticing the failure themselves;
-- the peer's release requests.
+- the peer's release requests;
+- the standby door: while this node is Idle (failed over by the administrator,
+  its services stopped, e.g. for an upgrade) its client port still accepts
+  standby sessions, and only those, so that the fallback moves its users back
+  over their standby connections without a new login.
 """
 
 from __future__ import annotations
@@ -100,6 +104,24 @@ class DualConnections:
         if not redundancy.user_on_peer(username):
             return StanzaError(StanzaCondition.CONFLICT, "this node serves you")
         return None
+
+    # --- the standby door ------------------------------------------------------------
+
+    async def set_door(self, open_: bool) -> None:
+        """Open the standby door while Idle (the services stopped), close it before they
+        start: the client listener takes the port back. The standby sessions let in stay:
+        they are what the fallback activates."""
+        c2s = self.member.node.c2s
+        if c2s is None:
+            return
+        if not open_:
+            if c2s.door_open:
+                await c2s.stop()
+            return
+        try:
+            await c2s.open_door()
+        except OSError as exc:
+            log.warning("dual: cannot open the standby door: %s", exc)
 
     # --- the plan -----------------------------------------------------------------
 

@@ -175,6 +175,7 @@ class GroupMember:
             lease_store=self.lease_store,
         )  # fmt: skip
         self.redundancy.on_arrival = self.dual.users_arrived
+        self.redundancy.standby_door = self.dual.set_door
         await self.redundancy.start(ha_enabled=group is not None and group.ha_enabled)
         log.info("member of group %r (peer %s)", self.group_name or None, peer_name)
 

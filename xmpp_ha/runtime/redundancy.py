@@ -19,7 +19,7 @@ import asyncio
 import logging
 import secrets
 import xml.etree.ElementTree as ET
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -126,6 +126,8 @@ class Redundancy:
         self.fenced = False
         self._peer_lease: int | None = None
         self._effects: asyncio.Queue[Effect | Trigger] = asyncio.Queue()
+        # while Idle, a standby-only listener on the client port (dual connections)
+        self.standby_door: Callable[[bool], Awaitable[None]] | None = None
         # users now served here: returns the work started for them (standby activations)
         self.on_arrival: Callable[[list[str]], list[asyncio.Future[None]]] | None = None
         self._tasks: list[asyncio.Task[object]] = []
@@ -315,7 +317,11 @@ class Redundancy:
         elif isinstance(effect, StopServices):
             self._disconnect(lambda username: True)  # clients are pointed at the backup
             await self.services.stop_all()
+            if self.standby_door is not None and self.srm.state is State.IDLE:
+                await self.standby_door(True)
         elif isinstance(effect, StartServices):
+            if self.standby_door is not None:
+                await self.standby_door(False)
             ok = await self.services.start_all()
             self.feed(Trigger(Event.SERVICES_STARTED, ok=ok))
         elif isinstance(effect, DisconnectUsers):
