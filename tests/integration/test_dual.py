@@ -5,6 +5,7 @@ activation pushed by the server on a manual failover and on fallback, refusals."
 
 from __future__ import annotations
 
+import asyncio
 import xml.etree.ElementTree as ET
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -25,6 +26,8 @@ from tests.integration.rawclient import (
 )
 from xmpp_ha.ha.model import Reason, State
 from xmpp_ha.store.cluster import ClusterStore
+from xmpp_ha.store.repository import RosterItem
+from xmpp_ha.store.sql import SQLStore
 
 STEP = 10.0
 
@@ -237,6 +240,67 @@ async def test_manual_failover_pushes_activation_and_the_idle_node_takes_standby
     assert not (await pair.node_status("n1"))["standby_door"]
 
     for client in (standby, sender, back):
+        await client.aclose()
+
+
+@pytest.mark.parametrize("inject", ["kill", "manual", "fallback"])
+async def test_contacts_never_see_the_switching_user_go_offline(pair: HAPair, inject: str) -> None:
+    """Alice (n1, standby on n2) and Bob (n2) see each other's presence; n1 fails and
+    Alice's client switches (and, for "fallback", switches back home after a manual
+    failover): Bob never gets 'unavailable' from her (a node whose session of hers
+    ended after she moved asks the other node whether her resource lives on there), and
+    gets her presence again once she sent it on the new session."""
+    alice = (await pair.users_homed_on("n1"))[0]
+    bob = (await pair.users_homed_on("n2"))[0]
+    store = await SQLStore.open(pair.store_url)
+    try:
+        for user, contact in ((alice, bob), (bob, alice)):
+            await store.put_roster_item(user, RosterItem(f"{contact}@localhost", "", "both"))
+    finally:
+        await store.close()
+    home = await connect(pair, "n1", alice)
+    await home.send("<presence/>")
+    standby = await connect(pair, "n2", alice, standby=True)
+    watcher = await connect(pair, "n2", bob)
+    await watcher.send("<presence/>")
+    seen_before = await watcher.expect("presence", STEP)
+    while seen_before.get("from") != f"{alice}@localhost/dual":  # Bob's own comes first
+        seen_before = await watcher.expect("presence", STEP)
+    assert not seen_before.get("type")
+    await pair.wait_counter("n2", "JsmSessionsClientInactive", 1)
+
+    if inject == "kill":
+        pair.kill("n1")
+        await home.wait_closed(STEP)
+        assert (await request(standby, "set", ACTIVATE, "act")).get("type") == "result"
+    else:
+        await pair.failover("n1")
+        push = await standby.expect("iq", STEP)
+        await standby.send(f"<iq type='result' id='{push.get('id')}'/>")
+        await home.expect_stream_error(STEP)
+    await standby.send("<presence/>")
+    await pair.wait_states({"n2": (State.BACKUP_MODE, None)})
+    if inject == "fallback":
+        await pair.wait_states({"n1": (State.IDLE, None)})
+        back = await connect(pair, "n1", alice, standby=True)
+        await pair.wait_counter("n1", "JsmSessionsClientInactive", 1)
+        await pair.fallback("n1")
+        push = await back.expect("iq", STEP)
+        await back.send(f"<iq type='result' id='{push.get('id')}'/>")
+        await standby.expect_stream_error(STEP)
+        await back.send("<presence/>")
+        standby = back
+    await asyncio.sleep(3.5)  # the old node's announcement, if any, has arrived by now
+    await chat(standby, bob, "after the switch", "p1")
+    await next_message(watcher, "after the switch")
+    from_alice = [
+        e.get("type") or "available"
+        for e in watcher.received
+        if local_name(e) == "presence" and (e.get("from") or "").startswith(f"{alice}@")
+    ]
+    assert "unavailable" not in from_alice, from_alice
+    assert from_alice[-1] == "available", from_alice
+    for client in (standby, watcher):
         await client.aclose()
 
 

@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING
 from xmpp_ha.core.errors import StanzaError, StreamCondition
 
 if TYPE_CHECKING:
+    from xmpp_ha.core.jid import JID
+    from xmpp_ha.im.manager import UserRecord
     from xmpp_ha.im.session import ClientSession
 
 SessionListener = Callable[["ClientSession"], None]
@@ -58,6 +60,10 @@ class Hooks:
     # told the username after messages were stored offline for it (another node that
     # serves the user may have flushed its store already: it should look again)
     offline_stored: list[Callable[[str], None]] = field(default_factory=list)
+    # told of an available session that ended (its full JID, its user's record): True
+    # when it takes over telling the contacts (the user moved to another node, which
+    # knows whether that resource lives on there), False to tell them now
+    presence_gone: Callable[[ClientSession, JID, UserRecord], bool] | None = None
 
     def add_iq_handler(self, iq_type: str, payload_tag: str, handler: IqHandler) -> None:
         key = (iq_type, payload_tag)

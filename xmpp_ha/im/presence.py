@@ -171,6 +171,8 @@ class PresenceService:
         if header.type == "probe":
             self._answer_probe(record, header)
             return None
+        if header.type == "unavailable" and self.live_here(header.sender):
+            return None  # stale: the node it left says so (dual connections: it moved here)
         to = header.to
         assert to is not None
         if to.resource:
@@ -181,6 +183,16 @@ class PresenceService:
         for target in record.available():
             target.send(stanza)
         return None
+
+    def live_here(self, sender: JID) -> bool:
+        """The sender's full JID is an active session here, available or about to be (a
+        standby just activated): an 'unavailable' from it was sent by the node whose
+        session of that resource ended after the user moved here."""
+        if not sender.resource or sender.domain != self.manager.domain:
+            return False
+        record = self.manager.users.get(sender.local)
+        session = record.sessions.get(sender.resource) if record is not None else None
+        return session is not None and (session.available or session.presence_due)
 
     def _answer_probe(self, record: UserRecord, header: StanzaHeader) -> None:
         """Send each available resource's presence to a subscribed prober (§4.3.2)."""

@@ -91,6 +91,7 @@ class ClientSession:
         self._activation: asyncio.Future[None] | None = None  # see activate()
         # activated, its presence not sent yet: messages wait for it (not the offline store)
         self.presence_due = False
+        self.moved_away = False  # ended because its user moved to the other node
         self.offline_lookup: asyncio.Future[bool] | None = None  # see look_for_offline()
         self.hibernated_until: float | None = None
         self.attributes: dict[str, object] = {}  # per-session data of plug-ins
@@ -624,7 +625,9 @@ class ClientSession:
         self.record = None
         if self.available:
             self.available = False
-            self.manager.presence.went_offline(self, jid, record)
+            gone = self.manager.hooks.presence_gone
+            if gone is None or not gone(self, jid, record):
+                self.manager.presence.went_offline(self, jid, record)
         unacked = self.stream.sm.unacked() if self.stream.sm is not None else []
         messages = [stanza for stanza in (*unacked, *self._undelivered) if stanza.tag == MESSAGE]
         self._undelivered = []

@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 from xmpp_ha.core.batch import Batcher
 from xmpp_ha.core.errors import StanzaCondition, StanzaError
+from xmpp_ha.core.jid import JID, InvalidJID
 from xmpp_ha.ha.model import State
 from xmpp_ha.protocol import ns
 from xmpp_ha.protocol.stanzas import iq_result
@@ -42,6 +43,7 @@ from xmpp_ha.store.repository import StoreUnavailable
 
 if TYPE_CHECKING:
     from xmpp_ha.im.hooks import Hooks
+    from xmpp_ha.im.manager import UserRecord
     from xmpp_ha.im.session import ClientSession
     from xmpp_ha.runtime.member import GroupMember
     from xmpp_ha.runtime.redundancy import Redundancy
@@ -57,13 +59,17 @@ _NO_STANDBY = frozenset(
 )
 _RETRY = 0.05  # s between two looks at an activation that cannot be decided yet
 _EXTRA_WAIT = 5.0  # s beyond the heartbeat timeout before an activation gives up
+# a session of a user that moved to the peer ended: its contacts hear 'unavailable' unless
+# the peer says, within the grace, that the resource lives on there (asked every poll)
+_GONE_GRACE = 3.0  # s
+_GONE_POLL = 0.1  # s
 
 
 class DualConnections:
     def __init__(self, member: GroupMember) -> None:
         self.member = member
-        self._release_ids = itertools.count(1)
-        self._releases: dict[int, asyncio.Future[tuple[bool, str]]] = {}
+        self._request_ids = itertools.count(1)
+        self._requests: dict[int, asyncio.Future[dict[str, Any]]] = {}  # asked of the peer
         # activations that take users from a closed peer at one time share one move
         self._claim: Batcher[str, bool] = Batcher(self._claim_batch)
         # plans asked at one time (a switch of many users) share one read of the limits
@@ -73,6 +79,7 @@ class DualConnections:
         hooks.stream_features.append(self._stream_features)
         hooks.disco_features.append(self._disco_features)
         hooks.standby_guard = self._standby_guard
+        hooks.presence_gone = self._presence_gone
         hooks.add_iq_handler("get", PLAN, self._plan)
         hooks.add_iq_handler("set", ACTIVATE, self._activate)
 
@@ -224,22 +231,57 @@ class DualConnections:
         return [username in moved for username in usernames]
 
     async def _ask_release(self, username: str) -> tuple[bool, str]:
+        answer = await self._ask({"op": "release", "user": username})
+        if answer is None:
+            return False, "down"
+        return bool(answer.get("ok")), str(answer.get("why", ""))
+
+    async def _ask(self, request: dict[str, Any]) -> dict[str, Any] | None:
+        """Ask the peer over the link; its answer, None when the link is down or the peer
+        stays silent for the heartbeat timeout."""
         link = self.member.link
-        assert link is not None
-        request_id = next(self._release_ids)
-        answer: asyncio.Future[tuple[bool, str]] = asyncio.get_running_loop().create_future()
-        self._releases[request_id] = answer
+        if link is None:
+            return None
+        request_id = next(self._request_ids)
+        answer: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._requests[request_id] = answer
         try:
-            if not link.send_if_connected(
-                {"t": "dual", "op": "release", "user": username, "id": request_id}
-            ):
-                return False, "down"
-            timeout = self.member.params.heartbeat_timeout
-            return await asyncio.wait_for(answer, timeout)
+            if not link.send_if_connected({"t": "dual", **request, "id": request_id}):
+                return None
+            return await asyncio.wait_for(answer, self.member.params.heartbeat_timeout)
         except TimeoutError:
-            return False, "silent"
+            return None
         finally:
-            self._releases.pop(request_id, None)
+            self._requests.pop(request_id, None)
+
+    # --- contacts of a user whose session here ended after it moved -------------------
+
+    def _presence_gone(self, session: ClientSession, jid: JID, record: UserRecord) -> bool:
+        """Told of an available session that ended: when its user moved to the peer, the
+        contacts hear 'unavailable' only if that resource does not live on there (a
+        switched dual-connected client), or does not within a grace period (a client
+        logging in again)."""
+        redundancy, manager = self._redundancy(), self.member.node.manager
+        if redundancy is None or manager is None:
+            return False
+        if not (session.moved_away or redundancy.user_on_peer(jid.local)):
+            return False
+        manager.spawn(self._announce_unless_live(session, jid, record))
+        return True
+
+    async def _announce_unless_live(
+        self, session: ClientSession, jid: JID, record: UserRecord
+    ) -> None:
+        manager = self.member.node.manager
+        assert manager is not None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + _GONE_GRACE
+        while loop.time() < deadline:
+            answer = await self._ask({"op": "live?", "jid": str(jid)})
+            if answer is not None and answer.get("live"):
+                return  # its client switched: its presence there stands
+            await asyncio.sleep(_GONE_POLL)
+        manager.presence.went_offline(session, jid, record)
 
     async def _activate_all(
         self, username: str, answer: tuple[ClientSession, ET.Element] | None = None
@@ -285,22 +327,29 @@ class DualConnections:
 
     def on_peer_message(self, message: dict[str, Any]) -> None:
         op = message.get("op")
+        manager = self.member.node.manager
+        assert manager is not None
         if op == "release" and isinstance(message.get("user"), str):
-            manager = self.member.node.manager
-            assert manager is not None
             manager.spawn(self._release(str(message["user"]), message.get("id")))
-        elif op == "released":
-            waiting = self._releases.get(message.get("id"))  # type: ignore[arg-type]
+        elif op == "live?" and isinstance(message.get("jid"), str):
+            try:
+                live = manager.presence.live_here(JID.parse(str(message["jid"])))
+            except InvalidJID:
+                live = False
+            self._answer(message, {"op": "live", "live": live})
+        elif op in ("released", "live"):
+            waiting = self._requests.get(message.get("id"))  # type: ignore[arg-type]
             if waiting is not None and not waiting.done():
-                waiting.set_result((bool(message.get("ok")), str(message.get("why", ""))))
+                waiting.set_result(message)
+
+    def _answer(self, request: dict[str, Any], answer: dict[str, Any]) -> None:
+        link = self.member.link
+        if link is not None:
+            link.send_if_connected({"t": "dual", **answer, "id": request.get("id")})
 
     async def _release(self, username: str, request_id: object) -> None:
         released, why = await self._hand_over(username)
-        link = self.member.link
-        if link is not None:
-            link.send_if_connected(
-                {"t": "dual", "op": "released", "id": request_id, "ok": released, "why": why}
-            )
+        self._answer({"id": request_id}, {"op": "released", "ok": released, "why": why})
 
     async def _hand_over(self, username: str) -> tuple[bool, str]:
         """The peer asks for a user whose client lost its session here: move the user to

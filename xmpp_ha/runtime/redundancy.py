@@ -401,6 +401,7 @@ class Redundancy:
             if session.standby and not self.fenced:
                 continue  # inactive: kept for the user's next move here
             if session.jid is not None and which(session.jid.local):
+                session.moved_away = peer is not None
                 session.stream.fail(condition, "", other_host)
                 session.flush()
         self.manager.end_hibernated(which)
