@@ -13,9 +13,10 @@ and the **standby** one (inactive). Rules:
   (the switch starts now); without one, log in again on the other node.
 - Activation granted (answer or push): the standby becomes the active session;
   send presence (broadcast and directed), re-send what the old session never
-  had acknowledged, probe a round trip to ourselves, ask for a new plan, and
-  close the old connection if it is still open. The switch ends when the probe
-  comes back: that is the failover's downtime.
+  had acknowledged, probe a round trip to ourselves, and close the old
+  connection if it is still open. The switch ends when the probe comes back:
+  that is the failover's downtime. Then (not before: the server has the whole
+  switch of many users to do) ask for a new plan.
 - Activation refused because the old session is alive (`conflict`): try again
   shortly (the server learns of its death in a moment), at most a few times,
   then log in again; refused otherwise: log in again.
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import xml.etree.ElementTree as ET
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 BACKOFF_MIN = 0.5  # s before asking for a new plan after a failed standby
@@ -34,6 +36,7 @@ BACKOFF_MAX = 30.0
 ACTIVATE_RETRY = 0.1  # s between activation attempts refused with conflict
 ACTIVATE_TRIES = 50
 DEDUP_WINDOW = 4096  # (sender, id) pairs remembered
+PLAN_AFTER_SWITCH = 2.0  # s after a switch: ask for a plan even if the probe is not back
 
 
 # --- actions for the driver --------------------------------------------------------
@@ -100,6 +103,9 @@ class DualCore:
     """One user's two connections. `nodes`: node name -> (host, port), both nodes."""
 
     nodes: dict[str, tuple[str, int]]
+    # factor applied to each back-off (the driver draws it, e.g. uniform 0.5-1.5, so that
+    # users who lost their standby at the same moment do not all ask again at once)
+    jitter: Callable[[], float] = lambda: 1.0
     active: str | None = None  # node of the active session, None while there is none
     standby: str | None = None  # node of a running standby session
     standby_opening: str | None = None  # a standby session being opened there
@@ -150,12 +156,13 @@ class DualCore:
         """An active session runs on `node` (after a login or a relogin)."""
         self.active = self._last_active = node
         self._backoff = BACKOFF_MIN
-        actions: list[Action] = []
-        if self._switch is not None:
-            actions.append(Probe())
+        if self._switch is not None:  # a relogin ended a switch: the plan after the probe
+            if dual_offered and self.standby is None:
+                self._plan_at = now + PLAN_AFTER_SWITCH
+            return [Probe()]
         if dual_offered and self.standby is None:
-            actions.append(RequestPlan())
-        return actions
+            return [RequestPlan()]
+        return []
 
     def plan(self, now: float, node: str, host: str, port: int, delay: float) -> list[Action]:
         self.nodes[node] = (host, port)
@@ -222,7 +229,8 @@ class DualCore:
         self._activating = False
         self._activate_at = None
         resend, self._unacked = self._unacked, []
-        return [Promote(resend), Probe(), RequestPlan()]
+        self._plan_at = now + PLAN_AFTER_SWITCH  # or at once when the probe is back
+        return [Promote(resend), Probe()]
 
     def activation_refused(self, now: float, condition: str) -> list[Action]:
         self._activating = False
@@ -244,11 +252,17 @@ class DualCore:
 
     # --- traffic --------------------------------------------------------------------
 
-    def probe_returned(self, now: float) -> None:
+    def probe_returned(self, now: float) -> list[Action]:
+        """The switch is over; ask for a new plan now if one is still due."""
         if self._switch is not None:
             self._switch.ended = now
             self.downtimes.append(self._switch)
             self._switch = None
+        if self._plan_at is not None and self.active is not None and self.standby is None:
+            if self.standby_opening is None:
+                self._plan_at = None
+                return [RequestPlan()]
+        return []
 
     def message_received(self, sender: str, message_id: str) -> bool:
         """True when this (sender, id) is new; a duplicate is counted and False."""
@@ -270,7 +284,7 @@ class DualCore:
     # --- helpers ----------------------------------------------------------------------
 
     def _retry_plan(self, now: float) -> list[Action]:
-        self._plan_at = now + self._backoff
+        self._plan_at = now + self._backoff * self.jitter()
         self._backoff = min(self._backoff * 2, BACKOFF_MAX)
         return []
 

@@ -10,6 +10,7 @@ activation. Subclasses do the I/O: logins, the standby, iq round trips, timers.
 from __future__ import annotations
 
 import itertools
+import random
 import xml.etree.ElementTree as ET
 from collections.abc import Callable
 from typing import Generic, Protocol, TypeVar
@@ -62,7 +63,7 @@ class DualDriver(Generic[C, X]):
         self.password = password
         self.home = home
         self.context = ssl_context
-        self.core = DualCore(nodes=dict(nodes))
+        self.core = DualCore(nodes=dict(nodes), jitter=lambda: random.uniform(0.5, 1.5))
         self.resource = resource
         self.on_message = on_message
         self.key_cache = key_cache
@@ -115,7 +116,7 @@ class DualDriver(Generic[C, X]):
         if event.id.startswith(PROBE_PREFIX) and event.sender.partition("/")[0] == self.jid:
             if event.id == self._probe_id:  # else a late copy (handed on by the old node)
                 self._probe_id = ""
-                self.core.probe_returned(now)
+                self._run(self.core.probe_returned(now))
             return
         if self.core.message_received(event.sender, event.id) and self.on_message is not None:
             self.on_message(event)

@@ -61,6 +61,7 @@ import asyncio
 import collections
 import itertools
 import logging
+import random
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Coroutine
 from typing import Any, ClassVar, cast
@@ -260,7 +261,7 @@ class HADual(BasePlugin):
     }
 
     def plugin_init(self) -> None:
-        self.core = DualCore(nodes={})
+        self.core = DualCore(nodes={}, jitter=lambda: random.uniform(0.5, 1.5))
         self.names: dict[str, str] = {}  # "host:port" -> the server's node name
         self.offered = False  # the last features with <bind/> offered dual connections
         self.wire: _Wire | None = None  # set while the plug-in runs
@@ -414,7 +415,7 @@ class HADual(BasePlugin):
             if own and message_id.startswith(_PROBE_PREFIX):
                 if message_id == self._probe_id:  # else a late copy the old node handed on
                     self._probe_id = ""
-                    self.core.probe_returned(self._loop.time())
+                    self._run(self.core.probe_returned(self._loop.time()))
                     if self.core.downtimes:
                         self.app.event("ha_dual_switched", self.core.downtimes[-1])
                 return None

@@ -8,6 +8,7 @@ import xml.etree.ElementTree as ET
 from client_sim.dual import (
     ACTIVATE_RETRY,
     BACKOFF_MIN,
+    PLAN_AFTER_SWITCH,
     Activate,
     DualCore,
     OpenStandby,
@@ -42,17 +43,17 @@ def test_losing_the_active_session_activates_the_standby_and_resends() -> None:
     unacked = [ET.Element("{jabber:client}message", {"id": "m1"})]
     assert core.active_lost(10.0, unacked) == [Activate()]
     actions = core.activated(10.2)
-    assert actions == [Promote(unacked), Probe(), RequestPlan()]
+    assert actions == [Promote(unacked), Probe()]
     assert (core.active, core.standby) == ("n2", None)
-    core.probe_returned(10.25)
+    assert core.probe_returned(10.25) == [RequestPlan()]  # the new plan once switched
     (downtime,) = core.downtimes
     assert downtime.seconds == 0.25 and downtime.activated == 10.2 and not downtime.pushed
 
 
 def test_a_push_switches_without_a_loss_and_counts_from_the_push() -> None:
     core = with_standby()
-    assert core.activated(5.0, pushed=True) == [Promote([]), Probe(), RequestPlan()]
-    core.probe_returned(5.1)
+    assert core.activated(5.0, pushed=True) == [Promote([]), Probe()]
+    assert core.probe_returned(5.1) == [RequestPlan()]
     assert core.downtimes[0].pushed and core.downtimes[0].seconds is not None
     assert core.activated(5.05) == []  # the answer to a crossed request: counted once
 
@@ -71,9 +72,18 @@ def test_without_a_standby_a_lost_session_logs_in_on_the_other_node() -> None:
     core.active_started(0.0, "n1", dual_offered=True)
     assert core.active_lost(1.0, []) == [Relogin("n2", *NODES["n2"])]
     assert core.relogin_failed(1.5, "n2") == [Relogin("n1", *NODES["n1"])]
-    assert core.active_started(2.0, "n1", dual_offered=True) == [Probe(), RequestPlan()]
-    core.probe_returned(2.1)
+    assert core.active_started(2.0, "n1", dual_offered=True) == [Probe()]
+    assert core.probe_returned(2.1) == [RequestPlan()]
     assert core.downtimes[0].seconds is not None
+
+
+def test_a_probe_that_never_returns_still_leads_to_a_plan() -> None:
+    core = with_standby()
+    core.active_lost(1.0, [])
+    assert core.activated(1.1) == [Promote([]), Probe()]
+    assert core.due() == 1.1 + PLAN_AFTER_SWITCH
+    assert core.tick(1.1 + PLAN_AFTER_SWITCH) == [RequestPlan()]
+    assert core.probe_returned(5.0) == []  # asked already
 
 
 def test_a_refused_standby_asks_for_a_plan_again_with_back_off() -> None:

@@ -203,7 +203,9 @@ class DualConnections:
                     ) from exc
                 if claimed:
                     return
-                assignment = None  # not on the peer any more: read where it is
+                assignment = redundancy.assignments.get(username)  # moved with others?
+                if assignment is None or assignment.current_node != redundancy.node:
+                    assignment = None  # not on the peer any more: read where it is
                 continue
             if loop.time() > deadline:
                 raise StanzaError(
@@ -222,11 +224,15 @@ class DualConnections:
         return assignment
 
     async def _claim_batch(self, usernames: list[str]) -> list[bool]:
-        """Move users here from the peer whose system closed the link: one fenced move."""
-        redundancy = self.member.redundancy
-        if redundancy is None or redundancy.peer is None:
+        """Move users here from the peer whose system closed the link: one fenced move.
+        Every user of the peer with a standby session here goes with the first ones to
+        ask: their clients lost their sessions with that process too and are asking now
+        (one move for all of them instead of one per batch of requests)."""
+        redundancy, manager = self.member.redundancy, self.member.node.manager
+        if redundancy is None or redundancy.peer is None or manager is None:
             return [False] * len(usernames)
-        moved = set(await redundancy.claim_from_peer(usernames))
+        others = [name for name in manager.standby if redundancy.user_on_peer(name)]
+        moved = set(await redundancy.claim_from_peer(list({*usernames, *others})))
         log.info("dual: %d users taken over from a closed peer", len(moved))
         return [username in moved for username in usernames]
 
