@@ -418,7 +418,9 @@ async def test_load_users_matches_load_user_for_each(store: SQLStore) -> None:
     for name in ("alice", "bob", "carol"):
         await store.add_user(name, "pw")
     await store.put_roster_item("alice", RosterItem("bob@localhost", subscription="both"))
-    await store.put_roster_item("alice", RosterItem("carol@localhost", name="C"))
+    await store.put_roster_item(
+        "alice", RosterItem("carol@localhost", name="C", ask=True, groups=("Friends", "Work"))
+    )
     await store.add_pending_subscription("bob", PendingSubscription("dave@x", "<presence/>"))
     names = ["alice", "bob", "carol", "Alice", "nobody"]
     loaded = await store.load_users(names)

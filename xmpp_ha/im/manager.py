@@ -145,9 +145,10 @@ class SessionManager:
         self._loading: dict[str, asyncio.Future[UserRecord]] = {}
         self._in_transit: dict[str, deque[_InTransit]] = {}  # username -> stanzas, oldest first
         self._available_waiters: dict[str, list[asyncio.Future[None]]] = {}  # _until_available
-        # users bound at one time (a failover's activations, a login storm) load together
+        # users bound at one time (a failover's activations, a login storm) load together,
+        # in one transaction however many (under load every extra round costs a lot)
         self._load_user: Batcher[str, tuple[list[RosterItem], list[PendingSubscription]]] = Batcher(
-            repo.load_users
+            repo.load_users, max_batch=10_000
         )
         self._locks: dict[str, list[Any]] = {}  # username -> [lock, holders and waiters]
         self.roster = RosterService(self)

@@ -75,6 +75,7 @@ PG_CONNECT_TIMEOUT_S = 5.0
 SALT_BYTES = 16
 MECHANISMS: tuple[ScramMechanism, ...] = tuple(HASHES)
 _IN_CHUNK = 500  # names per IN (...) list: well under both databases' parameter limits
+_LOAD_CHUNK = 5000  # names per _LOAD_USERS_SQL (twice the parameters: under SQLite's 32766)
 _ASYNC_DRIVERS = {
     "sqlite": "sqlite+aiosqlite",
     "postgresql": "postgresql+asyncpg",
@@ -195,8 +196,8 @@ async def _derive_in_processes(accounts: list[tuple[str, str]]) -> list[Row]:
     return [row for rows in results for row in rows]
 
 
-def _chunks(names: Sequence[str]) -> Iterable[Sequence[str]]:
-    return (names[start : start + _IN_CHUNK] for start in range(0, len(names), _IN_CHUNK))
+def _chunks(names: Sequence[str], size: int = _IN_CHUNK) -> Iterable[Sequence[str]]:
+    return (names[start : start + size] for start in range(0, len(names), size))
 
 
 def _insert_ignoring_duplicates(connection: AsyncConnection) -> Any:
@@ -233,6 +234,14 @@ _ROSTER_SQL = (
     " WHERE owner = ? ORDER BY contact"
 )
 _PENDING_SQL = "SELECT contact, stanza FROM pending_subscriptions WHERE owner = ? ORDER BY contact"
+# rosters ('r') and pending requests ('p') of many users, in one statement
+_LOAD_USERS_SQL = (
+    "SELECT 'r', owner, contact, name, subscription, ask, approved, groups, NULL"
+    " FROM roster_items WHERE owner IN ({marks})"
+    " UNION ALL SELECT 'p', owner, contact, NULL, NULL, NULL, NULL, NULL, stanza"
+    " FROM pending_subscriptions WHERE owner IN ({marks})"
+    " ORDER BY 2, 3"
+)
 _OFFLINE_PROBE_SQL = "SELECT 1 FROM offline_messages WHERE username = ? LIMIT 1"
 _USER_EXISTS_SQL = "SELECT 1 FROM users WHERE username = ?"
 
@@ -488,6 +497,19 @@ class SQLStore(EngineStore):
         names = [username.casefold() for username in usernames]
         rosters: dict[str, list[RosterItem]] = {name: [] for name in names}
         pending: dict[str, list[PendingSubscription]] = {name: [] for name in names}
+        if self._engine.dialect.name == "sqlite":
+            # one driver call per chunk (a failover's thousands of activations wait on it)
+            for chunk in _chunks(sorted(rosters), _LOAD_CHUNK):
+                marks = ", ".join("?" * len(chunk))
+                rows = await self._sqlite_rows(
+                    _LOAD_USERS_SQL.format(marks=marks), (*chunk, *chunk)
+                )
+                for kind, owner, contact, *fields in rows or ():
+                    if kind == "r":
+                        rosters[owner].append(_roster_item_of(contact, *fields[:5]))
+                    else:
+                        pending[owner].append(PendingSubscription(contact, fields[5]))
+            return [(rosters[name], pending[name]) for name in names]
         async with self._transaction() as conn:
             for chunk in _chunks(sorted(rosters)):
                 query = (
