@@ -249,9 +249,11 @@ async def test_contacts_never_see_the_switching_user_go_offline(pair: HAPair, in
     Alice's client switches (and, for "fallback", switches back home after a manual
     failover): Bob never gets 'unavailable' from her (a node whose session of hers
     ended after she moved asks the other node whether her resource lives on there), and
-    gets her presence again once she sent it on the new session."""
+    gets her presence again once she sent it on the new session. Carol (n2, not in her
+    roster) got her directed presence: her client sends it again after the switch, and
+    Carol never hears 'unavailable' either (the model loses directed presence)."""
     alice = (await pair.users_homed_on("n1"))[0]
-    bob = (await pair.users_homed_on("n2"))[0]
+    bob, carol = (await pair.users_homed_on("n2"))[:2]
     store = await SQLStore.open(pair.store_url)
     try:
         for user, contact in ((alice, bob), (bob, alice)):
@@ -267,6 +269,12 @@ async def test_contacts_never_see_the_switching_user_go_offline(pair: HAPair, in
     while seen_before.get("from") != f"{alice}@localhost/dual":  # Bob's own comes first
         seen_before = await watcher.expect("presence", STEP)
     assert not seen_before.get("type")
+    stranger = await connect(pair, "n2", carol)
+    await stranger.send("<presence/>")
+    await home.send(f"<presence to='{carol}@localhost'/>")
+    directed = await stranger.expect("presence", STEP)
+    while directed.get("from") != f"{alice}@localhost/dual":
+        directed = await stranger.expect("presence", STEP)
     await pair.wait_counter("n2", "JsmSessionsClientInactive", 1)
 
     if inject == "kill":
@@ -278,7 +286,7 @@ async def test_contacts_never_see_the_switching_user_go_offline(pair: HAPair, in
         push = await standby.expect("iq", STEP)
         await standby.send(f"<iq type='result' id='{push.get('id')}'/>")
         await home.expect_stream_error(STEP)
-    await standby.send("<presence/>")
+    await standby.send(f"<presence/><presence to='{carol}@localhost'/>")
     await pair.wait_states({"n2": (State.BACKUP_MODE, None)})
     if inject == "fallback":
         await pair.wait_states({"n1": (State.IDLE, None)})
@@ -288,19 +296,61 @@ async def test_contacts_never_see_the_switching_user_go_offline(pair: HAPair, in
         push = await back.expect("iq", STEP)
         await back.send(f"<iq type='result' id='{push.get('id')}'/>")
         await standby.expect_stream_error(STEP)
-        await back.send("<presence/>")
+        await back.send(f"<presence/><presence to='{carol}@localhost'/>")
         standby = back
     await asyncio.sleep(3.5)  # the old node's announcement, if any, has arrived by now
     await chat(standby, bob, "after the switch", "p1")
     await next_message(watcher, "after the switch")
-    from_alice = [
-        e.get("type") or "available"
-        for e in watcher.received
-        if local_name(e) == "presence" and (e.get("from") or "").startswith(f"{alice}@")
-    ]
-    assert "unavailable" not in from_alice, from_alice
-    assert from_alice[-1] == "available", from_alice
-    for client in (standby, watcher):
+    await chat(standby, carol, "after the switch", "p2")
+    await next_message(stranger, "after the switch")
+    for contact in (watcher, stranger):
+        from_alice = [
+            e.get("type") or "available"
+            for e in contact.received
+            if local_name(e) == "presence" and (e.get("from") or "").startswith(f"{alice}@")
+        ]
+        assert "unavailable" not in from_alice, from_alice
+        assert from_alice[-1] == "available", from_alice
+    for client in (standby, watcher, stranger):
+        await client.aclose()
+
+
+async def test_two_resources_switch_together(pair: HAPair) -> None:
+    """Alice on two devices (resources), each with a standby on n2: n1 dies, one device asks
+    and both are activated by the same move (the other is pushed), messages to her full
+    JIDs arrive on the right device."""
+    alice = (await pair.users_homed_on("n1"))[0]
+    bob = (await pair.users_homed_on("n2"))[0]
+    homes, standbys = [], []
+    for resource in ("desk", "phone"):
+        host, port = pair.c2s_addresses()["n1"]
+        home = await RawClient.connect(host, port)
+        await home.login(pair.layout.ca_file, alice, PASSWORD, resource)
+        await home.send("<presence/>")
+        homes.append(home)
+        host, port = pair.c2s_addresses()["n2"]
+        standby = await RawClient.connect(host, port)
+        await standby.login(pair.layout.ca_file, alice, PASSWORD, resource, standby=True)
+        standbys.append(standby)
+    await pair.wait_counter("n2", "JsmSessionsClientInactive", 2)
+    sender = await connect(pair, "n2", bob)
+
+    pair.kill("n1")
+    for home in homes:
+        await home.wait_closed(STEP)
+    desk, phone = standbys
+    assert (await request(desk, "set", ACTIVATE, "act")).get("type") == "result"
+    push = await phone.expect("iq", STEP)  # the same move activated it: no request of its own
+    assert push.get("type") == "set" and push.find(tag(DUAL_NS, "activate")) is not None
+    await phone.send(f"<iq type='result' id='{push.get('id')}'/>")
+    await pair.wait_counter("n2", "JsmSessionsClientInactive", 0)
+    for standby in standbys:
+        await standby.send("<presence/>")
+    await chat(sender, f"{alice}@localhost/phone", "to the phone", "r1")
+    await chat(sender, f"{alice}@localhost/desk", "to the desk", "r2")
+    await next_message(phone, "to the phone")
+    await next_message(desk, "to the desk")
+    for client in (*standbys, sender):
         await client.aclose()
 
 
