@@ -38,6 +38,7 @@ from typing import Any
 from client_sim.aio_dual import AioDualClient
 from client_sim.xmpp import MessageReceived, SaltedPasswordCache
 from xmpp_ha.admin.client import AdminClient
+from xmpp_ha.core.memory import tune_garbage_collector
 from xmpp_ha.runtime.pair import PairLayout
 from xmpp_ha.store.cluster import ClusterStore
 
@@ -214,5 +215,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    tune_garbage_collector()  # thousands of connections, as in a node
     print(json.dumps(asyncio.run(Bench(args).run()), indent=2))
     return 0

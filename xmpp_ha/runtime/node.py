@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 from xmpp_ha.config import NodeConfig, ensure_default_certs
 from xmpp_ha.core.clock import MonotonicClock
+from xmpp_ha.core.memory import tune_garbage_collector
 from xmpp_ha.im.hooks import Hooks
 from xmpp_ha.im.manager import Limits, SessionManager
 from xmpp_ha.net.c2s import C2SServer
@@ -150,6 +151,7 @@ class Node:
     async def run(self, *, ready_file: Path | None = None) -> None:
         """Serve until SIGINT or SIGTERM."""
         await self.start(create_schema=self.config.store.create_schema)
+        tune_garbage_collector()  # thousands of sessions: no full collections mid-failover
         pid_file = self.config.node.data_dir / "pid"  # for tools that signal the node
         pid_file.parent.mkdir(parents=True, exist_ok=True)
         pid_file.write_text(f"{os.getpid()}\n")
