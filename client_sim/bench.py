@@ -30,8 +30,9 @@ import os
 import random
 import signal
 import ssl
+import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -105,11 +106,17 @@ class Bench:
         pid = int((Path(self.layout.directory) / self.failed / "pid").read_text())
         os.kill(pid, signal.SIGKILL if self.args.scenario == "kill" else signal.SIGSTOP)
 
-    async def run(self) -> dict[str, Any]:
+    async def run(self, step: Step | None = None) -> dict[str, Any]:
+        """The whole run in this process; `step` (a worker of a multi-process run) is told
+        when the clients are ready and when they switched, and returns when to go on."""
         args = self.args
         served = await self.prepare()
         context = ssl.create_default_context(cafile=self.layout.ca_file)
         cache = SaltedPasswordCache()
+        receivers_all = sorted((u for u in served if served[u] == self.failed), key=_index)
+        senders_all = sorted((u for u in served if served[u] != self.failed), key=_index)
+        shard, shards = args.shard, args.processes if args.shard is not None else 1
+        mine = set(receivers_all[shard or 0 :: shards]) | set(senders_all[shard or 0 :: shards])
         clients = {
             user: AioDualClient(
                 f"{user}@{self.layout.domain}",
@@ -121,6 +128,7 @@ class Bench:
                 on_message=self.on_message,
             )  # fmt: skip
             for user, node in served.items()
+            if user in mine
         }
         gate = asyncio.Semaphore(args.concurrency)
 
@@ -136,31 +144,34 @@ class Bench:
                 break
             await asyncio.sleep(0.1)
         ready_s = time.monotonic() - started
-        receivers = [c for u, c in clients.items() if served[u] == self.failed]
-        senders = [c for u, c in clients.items() if served[u] != self.failed]
+        receivers = [clients[u] for u in receivers_all if u in clients]
+        senders = [clients[u] for u in senders_all if u in clients]
         stop = asyncio.Event()
         chats = [asyncio.create_task(self.chat(s, r.jid, stop))
                  for s, r in zip(senders, receivers, strict=False)]  # fmt: skip
-        await asyncio.sleep(args.steady)
+        if step is None:
+            await asyncio.sleep(args.steady)
+            await asyncio.to_thread(self.inject)
+        else:
+            await step("READY")  # the parent injects the failure once every worker is ready
         failed_at = time.monotonic()
-        await asyncio.to_thread(self.inject)
         while time.monotonic() - failed_at < args.deadline:
             if all(len(r.core.downtimes) > 0 for r in receivers):
                 break
             await asyncio.sleep(0.05)
         switched_s = time.monotonic() - failed_at
-        if args.scenario == "freeze":
-            pid = int((Path(self.layout.directory) / self.failed / "pid").read_text())
-            os.kill(pid, signal.SIGCONT)
+        if step is None:
+            if args.scenario == "freeze":
+                self.thaw()
+        else:
+            await step("SWITCHED")
         await asyncio.sleep(args.tail)
         stop.set()
         await asyncio.gather(*chats)
         while time.monotonic() - self.last_arrival < args.drain and self.sent - self.received:
             await asyncio.sleep(0.1)
-        downtimes = [d.seconds for r in receivers for d in r.core.downtimes[:1] if d.seconds]
-        result = {
-            "benchmark": "failover_with_dual_connections",
-            "scenario": args.scenario,
+        first = [r.core.downtimes[0] for r in receivers if r.core.downtimes]
+        raw = {
             "users": len(clients),
             "users_failed_over": len(receivers),
             "standbys_ready": sum(
@@ -169,32 +180,124 @@ class Bench:
                 if c.core.standby or c.core.switching or c.core.downtimes
             ),  # fmt: skip
             "login_and_standby_s": round(ready_s, 2),
-            "downtime_s": stats(downtimes),
-            "until_active_s": stats(
-                [
-                    d.activated - d.started
-                    for r in receivers
-                    for d in r.core.downtimes[:1]
-                    if d.activated
-                ]
-            ),  # fmt: skip
-            "switched": sum(1 for r in receivers if r.core.downtimes),
-            "pushed": sum(1 for r in receivers for d in r.core.downtimes[:1] if d.pushed),
+            "downtimes": [d.seconds for d in first if d.seconds is not None],
+            "until_active": [d.activated - d.started for d in first if d.activated is not None],
+            "switched": len(first),
+            "pushed": sum(1 for d in first if d.pushed),
             "all_switched_within_s": round(switched_s, 3),
-            "messages": {
-                "sent": len(self.sent),
-                "received": len(self.received & self.sent),
-                "lost": len(self.sent - self.received),
-                "duplicated": sum(c.core.duplicates for c in clients.values()),
-            },
-            "machine": {
-                "nproc": os.cpu_count(),
-                "loadavg": Path("/proc/loadavg").read_text().split()[:3],
-                "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
-            },  # fmt: skip
+            "sent": len(self.sent),
+            "received": len(self.received & self.sent),
+            "duplicated": sum(c.core.duplicates for c in clients.values()),
         }
         await asyncio.gather(*(c.close() for c in clients.values()), return_exceptions=True)
-        return result
+        return raw
+
+    def thaw(self) -> None:
+        pid = int((Path(self.layout.directory) / self.failed / "pid").read_text())
+        os.kill(pid, signal.SIGCONT)
+
+
+Step = Callable[[str], Awaitable[None]]
+
+
+def _index(user: str) -> int:
+    digits = user.lstrip("abcdefghijklmnopqrstuvwxyz")
+    return int(digits) if digits.isdigit() else 0
+
+
+def summary(args: argparse.Namespace, parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """One JSON object from the raw figures of one or more processes."""
+
+    def total(key: str) -> int:
+        return sum(int(part[key]) for part in parts)
+
+    sent, received = total("sent"), total("received")
+    return {
+        "benchmark": "failover_with_dual_connections",
+        "scenario": args.scenario,
+        "processes": len(parts),
+        "users": total("users"),
+        "users_failed_over": total("users_failed_over"),
+        "standbys_ready": total("standbys_ready"),
+        "login_and_standby_s": max(part["login_and_standby_s"] for part in parts),
+        "downtime_s": stats([d for part in parts for d in part["downtimes"]]),
+        "until_active_s": stats([d for part in parts for d in part["until_active"]]),
+        "switched": total("switched"),
+        "pushed": total("pushed"),
+        "all_switched_within_s": max(part["all_switched_within_s"] for part in parts),
+        "messages": {
+            "sent": sent,
+            "received": received,
+            "lost": sent - received,
+            "duplicated": total("duplicated"),
+        },  # fmt: skip
+        "chat_interval_s": list(args.interval),
+        "machine": {
+            "nproc": os.cpu_count(),
+            "loadavg": Path("/proc/loadavg").read_text().split()[:3],
+            "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
+        },  # fmt: skip
+    }
+
+
+async def run_workers(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """`--processes N`: N worker processes share the users (the load generator's own CPU
+    must not be what is measured); this one injects the failure once all are ready."""
+    argv = sys.argv[1:]
+    workers = [
+        await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "client_sim",
+            *argv,
+            "--shard",
+            str(shard),
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        for shard in range(args.processes)
+    ]
+
+    async def all_say(word: str) -> None:
+        for worker in workers:
+            assert worker.stdout is not None
+            line = (await worker.stdout.readline()).decode().strip()
+            if line != word:
+                raise RuntimeError(f"a bench worker said {line!r}, not {word}")
+
+    def all_go() -> None:
+        for worker in workers:
+            assert worker.stdin is not None
+            worker.stdin.write(b"GO\n")
+
+    bench = Bench(args)
+    try:
+        await all_say("READY")
+        await asyncio.sleep(args.steady)
+        await asyncio.to_thread(bench.inject)
+        all_go()
+        await all_say("SWITCHED")
+        if args.scenario == "freeze":
+            bench.thaw()
+        all_go()
+        parts = []
+        for worker in workers:
+            assert worker.stdout is not None
+            parts.append(json.loads(await worker.stdout.read()))
+            await worker.wait()
+        return parts
+    finally:
+        for worker in workers:
+            if worker.returncode is None:
+                worker.kill()
+
+
+async def worker_step(word: str) -> None:
+    """A worker tells the parent where it is (stdout) and waits for its go (stdin)."""
+    print(word, flush=True)
+    line = await asyncio.to_thread(sys.stdin.readline)
+    if line.strip() != "GO":
+        raise RuntimeError(f"bench worker: expected GO, got {line!r}")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -212,9 +315,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--drain", type=float, default=5.0)
     parser.add_argument("--concurrency", type=int, default=50)
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument(
+        "--processes",
+        type=int,
+        default=1,
+        help="client processes sharing the users (2 cores: the nodes' too)",
+    )
+    parser.add_argument("--shard", type=int, default=None, help=argparse.SUPPRESS)  # a worker
 
 
 def main(args: argparse.Namespace) -> int:
     tune_garbage_collector()  # thousands of connections, as in a node
-    print(json.dumps(asyncio.run(Bench(args).run()), indent=2))
+    if args.shard is not None:  # a worker of a multi-process run: raw figures to the parent
+        print(json.dumps(asyncio.run(Bench(args).run(worker_step))), flush=True)
+        return 0
+    if args.processes > 1:
+        parts = asyncio.run(run_workers(args))
+    else:
+        parts = [asyncio.run(Bench(args).run())]
+    print(json.dumps(summary(args, parts), indent=2))
     return 0
