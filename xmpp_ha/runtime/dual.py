@@ -317,6 +317,27 @@ class DualConnections:
 
     # --- activation pushed by the server -----------------------------------------------
 
+    def peer_link_lost(self) -> None:
+        """The peer link went down. Closed by the peer's system (its process ended, rule 3):
+        take every user of the peer with a standby session here now and push their
+        activation, while their clients are still noticing the loss themselves."""
+        redundancy, manager, link = self._redundancy(), self.member.node.manager, self.member.link
+        if redundancy is None or manager is None or link is None or not link.closed_by_peer:
+            return
+        if redundancy.srm.state is not State.NORMAL or not redundancy.may_serve():
+            return  # in a transition, or fenced: the SRM decides
+        users = [name for name in manager.standby if redundancy.user_on_peer(name)]
+        if users:
+            manager.spawn(self._take_from_closed_peer(users))
+
+    async def _take_from_closed_peer(self, users: list[str]) -> None:
+        try:
+            moved = await asyncio.gather(*(self._claim(name) for name in users))
+        except StoreUnavailable as exc:
+            log.warning("dual: cannot take users from the closed peer: %s", exc)
+            return
+        self.users_arrived([name for name, ok in zip(users, moved, strict=True) if ok])
+
     def users_arrived(self, usernames: list[str]) -> list[asyncio.Future[None]]:
         """Users now served here (take-over, fallback, recovery): activate their standbys.
         Returns the activations under way (each ends once its push is written)."""

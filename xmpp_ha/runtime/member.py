@@ -213,6 +213,7 @@ class GroupMember:
 
     def on_disconnected(self) -> None:
         log.warning("peer link down")
+        self.dual.peer_link_lost()
 
     def on_message(self, message: dict[str, Any]) -> None:
         if message.get("t") == "admin":
