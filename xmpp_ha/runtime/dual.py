@@ -62,7 +62,7 @@ _EXTRA_WAIT = 5.0  # s beyond the heartbeat timeout before an activation gives u
 # a session of a user that moved to the peer ended: its contacts hear 'unavailable' unless
 # the peer says, within the grace, that the resource lives on there (asked every poll)
 _GONE_GRACE = 3.0  # s
-_GONE_POLL = 0.1  # s
+_GONE_POLL = 0.25  # s
 
 
 class DualConnections:
@@ -74,6 +74,9 @@ class DualConnections:
         self._claim: Batcher[str, bool] = Batcher(self._claim_batch)
         # plans asked at one time (a switch of many users) share one read of the limits
         self._relogin_limits: Batcher[str, tuple[float, float]] = Batcher(self._read_limits)
+        # "does this resource live on at you?" asked at one time (a node stopping with
+        # thousands of sessions) goes to the peer as one request
+        self._live_at_peer: Batcher[str, bool] = Batcher(self._ask_live, max_batch=10_000)
 
     def install(self, hooks: Hooks) -> None:
         hooks.stream_features.append(self._stream_features)
@@ -283,11 +286,16 @@ class DualConnections:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + _GONE_GRACE
         while loop.time() < deadline:
-            answer = await self._ask({"op": "live?", "jid": str(jid)})
-            if answer is not None and answer.get("live"):
+            if await self._live_at_peer(str(jid)):
                 return  # its client switched: its presence there stands
             await asyncio.sleep(_GONE_POLL)
         manager.presence.went_offline(session, jid, record)
+
+    async def _ask_live(self, jids: list[str]) -> list[bool]:
+        answer = await self._ask({"op": "live?", "jids": jids})
+        live = answer.get("live") if answer is not None else None
+        found = set(live) if isinstance(live, list) else set()
+        return [jid in found for jid in jids]
 
     async def _activate_all(
         self, username: str, answer: tuple[ClientSession, ET.Element] | None = None
@@ -358,16 +366,21 @@ class DualConnections:
         assert manager is not None
         if op == "release" and isinstance(message.get("user"), str):
             manager.spawn(self._release(str(message["user"]), message.get("id")))
-        elif op == "live?" and isinstance(message.get("jid"), str):
-            try:
-                live = manager.presence.live_here(JID.parse(str(message["jid"])))
-            except InvalidJID:
-                live = False
+        elif op == "live?" and isinstance(message.get("jids"), list):
+            live = [jid for jid in message["jids"] if isinstance(jid, str) and self._live(jid)]
             self._answer(message, {"op": "live", "live": live})
         elif op in ("released", "live"):
             waiting = self._requests.get(message.get("id"))  # type: ignore[arg-type]
             if waiting is not None and not waiting.done():
                 waiting.set_result(message)
+
+    def _live(self, jid: str) -> bool:
+        manager = self.member.node.manager
+        assert manager is not None
+        try:
+            return manager.presence.live_here(JID.parse(jid))
+        except InvalidJID:
+            return False
 
     def _answer(self, request: dict[str, Any], answer: dict[str, Any]) -> None:
         link = self.member.link
