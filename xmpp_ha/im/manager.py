@@ -378,7 +378,7 @@ class SessionManager:
         if header.kind == "message":
             return self.messages.deliver_local(record, stanza, header, confirm=confirm)
         if header.kind == "presence":
-            return self.presence.deliver_local(record, stanza, header)
+            return self.presence.deliver_local(record, stanza, header, from_peer=confirm)
         return self.iq.deliver_local(record, stanza, header)
 
     async def _forward_in_transit(self, username: str, queue: deque[_InTransit]) -> None:

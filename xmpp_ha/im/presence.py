@@ -164,14 +164,20 @@ class PresenceService:
     # --- to a user of this node ---------------------------------------------
 
     def deliver_local(
-        self, record: UserRecord, stanza: ET.Element, header: StanzaHeader
+        self,
+        record: UserRecord,
+        stanza: ET.Element,
+        header: StanzaHeader,
+        *,
+        from_peer: bool = False,
     ) -> Awaitable[None] | None:
+        """`from_peer`: handed over by the other node of the group."""
         if header.type in SUBSCRIPTION_TYPES:
             return self.manager.roster.inbound_subscription(record.username, stanza, header)
         if header.type == "probe":
             self._answer_probe(record, header)
             return None
-        if header.type == "unavailable" and self.live_here(header.sender):
+        if from_peer and header.type == "unavailable" and self.live_here(header.sender):
             return None  # stale: the node it left says so (dual connections: it moved here)
         to = header.to
         assert to is not None

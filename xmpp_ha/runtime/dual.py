@@ -164,6 +164,12 @@ class DualConnections:
     # --- activation asked by the client ---------------------------------------------
 
     async def _activate(self, session: ClientSession, iq: ET.Element) -> None:
+        if session.jid is not None and session.activation_started:
+            # activated already (a push got there first, §5): answered all the same
+            await session.activate()
+            domain = self.member.node.config.node.domain
+            session.send(iq_result(iq, ET.Element(ACTIVATE), sender=domain))
+            return
         if not session.standby or session.jid is None:
             raise StanzaError(StanzaCondition.NOT_ALLOWED, "not a standby session")
         redundancy = self._redundancy()
