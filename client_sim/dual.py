@@ -103,7 +103,7 @@ class DualCore:
     """One user's two connections. `nodes`: node name -> (host, port), both nodes."""
 
     nodes: dict[str, tuple[str, int]]
-    # factor applied to each back-off (the driver draws it, e.g. uniform 0.5-1.5, so that
+    # factor applied to each back-off (the driver draws it, e.g. uniform 0.5-1.0, so that
     # users who lost their standby at the same moment do not all ask again at once)
     jitter: Callable[[], float] = lambda: 1.0
     active: str | None = None  # node of the active session, None while there is none

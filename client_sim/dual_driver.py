@@ -63,7 +63,7 @@ class DualDriver(Generic[C, X]):
         self.password = password
         self.home = home
         self.context = ssl_context
-        self.core = DualCore(nodes=dict(nodes), jitter=lambda: random.uniform(0.5, 1.5))
+        self.core = DualCore(nodes=dict(nodes), jitter=lambda: random.uniform(0.5, 1.0))
         self.resource = resource
         self.on_message = on_message
         self.key_cache = key_cache

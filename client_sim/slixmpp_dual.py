@@ -261,7 +261,7 @@ class HADual(BasePlugin):
     }
 
     def plugin_init(self) -> None:
-        self.core = DualCore(nodes={}, jitter=lambda: random.uniform(0.5, 1.5))
+        self.core = DualCore(nodes={}, jitter=lambda: random.uniform(0.5, 1.0))
         self.names: dict[str, str] = {}  # "host:port" -> the server's node name
         self.offered = False  # the last features with <bind/> offered dual connections
         self.wire: _Wire | None = None  # set while the plug-in runs

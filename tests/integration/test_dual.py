@@ -98,6 +98,14 @@ async def next_message(client: RawClient, body: str) -> ET.Element:
             return element
 
 
+async def until_door_open(pair: HAPair, node: str) -> None:
+    for _ in range(int(STEP / 0.05)):
+        if (await pair.node_status(node)).get("standby_door"):
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"{node}: no standby door within {STEP:g} s")
+
+
 async def alice_with_standby(pair: HAPair) -> tuple[str, RawClient, RawClient, RawClient]:
     """A user homed on n1, available there with a standby session on n2, and a sender
     on n2: (the user, home session, standby session, sender's session)."""
@@ -222,6 +230,7 @@ async def test_manual_failover_pushes_activation_and_the_idle_node_takes_standby
     # n1 is Idle, its services stopped: its standby door lets standby sessions in, and
     # only those (an active login is pointed at n2); the fallback pushes the one opened
     await pair.wait_states({"n1": (State.IDLE, Reason.ADMIN)})
+    await until_door_open(pair, "n1")  # Idle is entered before the services stop
     status = await pair.node_status("n1")
     assert status["standby_door"] and not status["services"]["client listener"], status
     active = await authenticated(pair, "n1", alice)
@@ -290,6 +299,7 @@ async def test_contacts_never_see_the_switching_user_go_offline(pair: HAPair, in
     await pair.wait_states({"n2": (State.BACKUP_MODE, None)})
     if inject == "fallback":
         await pair.wait_states({"n1": (State.IDLE, None)})
+        await until_door_open(pair, "n1")
         back = await connect(pair, "n1", alice, standby=True)
         await pair.wait_counter("n1", "JsmSessionsClientInactive", 1)
         await pair.fallback("n1")
