@@ -333,6 +333,66 @@ async def test_writes_before_start_tls_are_plaintext_and_during_handshake_are_qu
     await client.lost
 
 
+async def _tls_pair(
+    start_server: Any, server_ctx: ssl.SSLContext, client_ctx: ssl.SSLContext
+) -> tuple[StartTlsClient, StreamConnection, list[bytes]]:
+    """A client and the server's connection to it, TLS up on both; the list records
+    each write the server's connection hands to its socket transport."""
+    server = await start_server(server_ctx)
+    client = StartTlsClient(client_ctx)
+    await connect(server.port, client)
+    await asyncio.wait_for(client.tls_up, 5)
+    handler = await server.next_handler()
+    await asyncio.wait_for(handler.tls_up, 5)
+    conn = handler.c
+    sent: list[bytes] = []
+    transport = conn._transport
+    assert transport is not None
+    write = transport.write
+
+    def recording(data: bytes | bytearray | memoryview) -> None:
+        sent.append(bytes(data))
+        write(data)
+
+    transport.write = recording  # type: ignore[method-assign]
+    return client, conn, sent
+
+
+async def test_writes_of_one_turn_leave_together_with_the_turn_end_words(
+    start_server: Any, server_ctx: ssl.SSLContext, client_ctx: ssl.SSLContext
+) -> None:
+    client, conn, sent = await _tls_pair(start_server, server_ctx, client_ctx)
+    conn.write(b"<message/>")
+    conn.at_turn_end(lambda: conn.write(b"<r/>"))
+    conn.write(b"<presence/>")
+    assert sent == []  # nothing leaves before the turn ends
+    expected = b"<message/><presence/><r/>"
+    assert await client.wait_for(len(expected)) == expected
+    assert len(sent) == 1  # one send, one record
+    # A burst larger than the limit leaves without waiting for the turn's end.
+    burst = os.urandom(200_000)
+    conn.write(burst)
+    assert len(sent) == 2
+    assert await client.wait_for(len(expected) + len(burst)) == expected + burst
+
+
+async def test_close_sends_what_the_turn_wrote_and_abort_drops_it(
+    start_server: Any, server_ctx: ssl.SSLContext, client_ctx: ssl.SSLContext
+) -> None:
+    client, conn, _ = await _tls_pair(start_server, server_ctx, client_ctx)
+    conn.write(b"last words")
+    conn.close()
+    assert await client.wait_for(10) == b"last words"
+    assert await asyncio.wait_for(client.lost, 5) is None  # close_notify after them
+
+    client, conn, sent = await _tls_pair(start_server, server_ctx, client_ctx)
+    conn.write(b"never")
+    conn.at_turn_end(lambda: conn.write(b"seen"))
+    conn.abort()
+    await asyncio.wait_for(client.lost, 5)
+    assert sent == [] and bytes(client.received) == b""
+
+
 async def _pump_handshake(
     tls: ssl.SSLObject,
     incoming: ssl.MemoryBIO,

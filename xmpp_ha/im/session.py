@@ -18,7 +18,7 @@ import hmac
 import logging
 import xml.etree.ElementTree as ET
 from collections import deque
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import Protocol
 
 from xmpp_ha.core.errors import StanzaCondition, StanzaError, StreamCondition
@@ -52,6 +52,9 @@ class Transport(Protocol):
     peer_address: str
 
     def write(self, data: bytes) -> None: ...
+    def at_turn_end(self, callback: Callable[[], None]) -> None:
+        """Call `callback` just before what this turn of the loop wrote is sent."""
+
     def start_tls(self) -> None: ...
     def close(self) -> None: ...
     def pause_reading(self) -> None: ...
@@ -184,7 +187,7 @@ class ClientSession:
         self._receipts.append((sm.outbound_sent, future))
         if not self._ack_requested:  # one <r/> for everything sent in this loop iteration
             self._ack_requested = True
-            asyncio.get_running_loop().call_soon(self._request_ack)
+            self.transport.at_turn_end(self._request_ack)
         return future
 
     def _request_ack(self) -> None:

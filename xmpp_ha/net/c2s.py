@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
+from collections.abc import Callable
 
 from xmpp_ha.core.errors import StreamCondition
 from xmpp_ha.im.manager import SessionManager
@@ -37,6 +38,9 @@ class _Transport:
 
     def write(self, data: bytes) -> None:
         self._conn.write(data)
+
+    def at_turn_end(self, callback: Callable[[], None]) -> None:
+        self._conn.at_turn_end(callback)
 
     def start_tls(self) -> None:
         self._conn.start_tls(self._context, server_side=True)

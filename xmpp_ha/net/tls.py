@@ -18,6 +18,14 @@ Rules and invariants:
   `TLS_WRITE_SIZE`); the records of one write still leave in one send().
 - After every SSL operation the outgoing BIO is flushed (TLS 1.3 sends
   session tickets after the handshake, alerts on failure, close_notify).
+- Once TLS is up, what is written in one turn of the event loop leaves
+  together, in one go at the end of the turn: one send() and as few TLS
+  records as the size allows, instead of one of each per stanza (a message and
+  the ack request after it, a burst of deliveries). `at_turn_end()` lets the
+  layer above add its last words to that (one XEP-0198 ack request for all).
+  A burst of more than `_UNSENT_LIMIT` bytes leaves at once, so that
+  `writable` and `drain()` see it.
+  `close()` sends it first; `abort()` and failures drop it.
 - Failures (handshake or record errors, resets) never raise into the event
   loop: the connection closes and the handler gets `connection_lost(exc)`,
   exactly once. A clean close (close_notify, or TCP EOF after the handshake)
@@ -55,6 +63,9 @@ READ_BUFFER_SIZE = 64 * 1024
 # what a once-busy connection keeps (about 5 KiB per BIO).
 TLS_FEED_SIZE = 4 * 1024
 TLS_WRITE_SIZE = 4 * 1024
+# Bytes written in one turn of the loop after which they are sent without waiting
+# for its end, so that the write buffer (and `writable`) sees a burst.
+_UNSENT_LIMIT = 64 * 1024
 
 StrPath = str | Path
 
@@ -113,6 +124,9 @@ class StreamConnection(asyncio.BufferedProtocol):
         "_incoming",
         "_outgoing",
         "_pending_writes",
+        "_unsent",
+        "_unsent_size",
+        "_turn_end",
         "_backlog",
         "_error",
         "_write_paused",
@@ -131,6 +145,10 @@ class StreamConnection(asyncio.BufferedProtocol):
         self._outgoing: ssl.MemoryBIO | None = None
         # Writes made between start_tls() and the end of the handshake.
         self._pending_writes: list[bytes] | None = None
+        # Plaintext written in this turn of the loop, encrypted and sent at its end.
+        self._unsent: list[bytes] | None = None
+        self._unsent_size = 0
+        self._turn_end: list[Callable[[], None]] | None = None  # called before it is sent
         # Ciphertext read but not yet fed into TLS when the handler paused.
         # Kept here, not in the BIO, so it is freed once consumed.
         self._backlog: bytes | None = None
@@ -210,7 +228,29 @@ class StreamConnection(asyncio.BufferedProtocol):
                 self._pending_writes = []
             self._pending_writes.append(bytes(data))
         else:
-            self._encrypt(data)
+            unsent = self._unsent_list()
+            unsent.append(bytes(data))
+            self._unsent_size += len(data)
+            if self._unsent_size >= _UNSENT_LIMIT:  # a burst: the write buffer must see it
+                self._send_unsent()
+
+    def at_turn_end(self, callback: Callable[[], None]) -> None:
+        """Call `callback` at the end of this turn of the event loop, just before what
+        was written in it is sent (what it writes leaves with the rest)."""
+        if self._mode is not _Mode.ESTABLISHED:
+            asyncio.get_running_loop().call_soon(callback)
+            return
+        self._unsent_list()
+        if self._turn_end is None:
+            self._turn_end = []
+        self._turn_end.append(callback)
+
+    def _unsent_list(self) -> list[bytes]:
+        if self._unsent is None:
+            self._unsent = []
+            self._unsent_size = 0
+            asyncio.get_running_loop().call_soon(self._send_unsent)
+        return self._unsent
 
     def start_tls(
         self,
@@ -244,6 +284,7 @@ class StreamConnection(asyncio.BufferedProtocol):
         """Send close_notify if TLS is up, flush what is buffered, then close."""
         if self._transport is None or self.closing:
             return
+        self._send_unsent()
         if self._mode is _Mode.ESTABLISHED and self._ssl is not None:
             try:
                 self._ssl.unwrap()
@@ -449,6 +490,14 @@ class StreamConnection(asyncio.BufferedProtocol):
             # Copied before the call: a nested call may reuse the shared buffer.
             self._handler.data_received(bytes(buffer[:count]))
 
+    def _send_unsent(self) -> None:
+        callbacks, self._turn_end = self._turn_end, None
+        for callback in callbacks or ():
+            callback()
+        unsent, self._unsent = self._unsent, None
+        if unsent and self._mode is _Mode.ESTABLISHED:
+            self._encrypt(unsent[0] if len(unsent) == 1 else b"".join(unsent))
+
     def _encrypt(self, data: bytes) -> None:
         ssl_object, outgoing, transport = self._ssl, self._outgoing, self._transport
         if ssl_object is None or outgoing is None or transport is None:
@@ -488,6 +537,8 @@ class StreamConnection(asyncio.BufferedProtocol):
         self._incoming = None
         self._outgoing = None
         self._pending_writes = None
+        self._unsent = None
+        self._turn_end = None
         self._backlog = None
 
 
