@@ -24,6 +24,7 @@ from xmpp_ha.net.peer import PeerLink
 from xmpp_ha.net.tls import client_context, server_context
 from xmpp_ha.protocol.stanzas import StanzaHeader
 from xmpp_ha.runtime.dual import DualConnections
+from xmpp_ha.runtime.lease import LeaseKeeper
 from xmpp_ha.runtime.redundancy import PeerInfo, Redundancy, stanza_payload
 from xmpp_ha.runtime.services import STORE, SYNC_AGENT, Service, Services
 from xmpp_ha.store.cluster import ClusterStore, Group
@@ -94,10 +95,6 @@ class GroupMember:
         raw_cluster = await ClusterStore.open(config.store.url, create=config.store.create_schema)
         self._raw_cluster = raw_cluster
         cluster = node.gate.wrap(raw_cluster)
-        # the lease proves this node alive: its own connection, never queued behind the
-        # pool's other users (hundreds of activations or moves at once)
-        self._raw_lease_store = await ClusterStore.open(config.store.url, pool_size=1)
-        self.lease_store = node.gate.wrap(self._raw_lease_store)
         self.cluster = cluster
         probe = StoreProbe(node, cluster)
         self.probe = probe
@@ -172,7 +169,8 @@ class GroupMember:
             node_name=config.node.name, group=self.group_name, peer=peer, cluster=cluster,
             manager=node.manager, services=self.services, clock=node.clock, params=self.params,
             send_peer=link.send, peer_connected=lambda: link.connected,
-            lease_store=self.lease_store,
+            lease=LeaseKeeper(config.store.url, config.node.name, peer.name if peer else None,
+                              gate=node.gate, clock=node.clock),
         )  # fmt: skip
         self.redundancy.on_arrival = self.dual.users_arrived
         self.redundancy.standby_door = self.dual.set_door
@@ -201,7 +199,6 @@ class GroupMember:
             await self.admin.stop()
         if self.cluster is not None:
             await self._raw_cluster.close()
-            await self._raw_lease_store.close()
 
     # --- peer link handler ------------------------------------------------------
 

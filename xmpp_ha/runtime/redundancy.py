@@ -51,6 +51,7 @@ from xmpp_ha.ha.srm import (
 from xmpp_ha.im.hooks import LoginRefusal
 from xmpp_ha.im.manager import SessionManager
 from xmpp_ha.protocol.xml import serialize
+from xmpp_ha.runtime.lease import LeaseKeeper, LeaseTiming
 from xmpp_ha.runtime.services import Services
 from xmpp_ha.store.cluster import Assignment, ClusterStore
 from xmpp_ha.store.repository import StoreUnavailable
@@ -103,13 +104,14 @@ class Redundancy:
         params: SRMParams,
         send_peer: Callable[[dict[str, Any]], None],
         peer_connected: Callable[[], bool],
-        lease_store: ClusterStore | None = None,
+        lease: LeaseKeeper,
     ) -> None:
         self.node = node_name
         self.group = group
         self.peer = peer
         self.cluster = cluster
-        self.lease_store = lease_store or cluster  # renews and reads the leases
+        self.lease = lease  # ours renewed, the peer's read, from a thread of its own
+        lease.timing = self._lease_timing
         self.manager = manager
         self.services = services
         self.clock = clock
@@ -122,7 +124,6 @@ class Redundancy:
         self.peer_status: dict[str, Any] | None = None
         self.incarnation = ""
         self.peer_incarnation: str | None = None  # the peer SRM's, from its heartbeats
-        self.last_lease_ok = clock.now()
         self.fenced = False
         self._peer_lease: int | None = None
         self._effects: asyncio.Queue[Effect | Trigger] = asyncio.Queue()
@@ -138,9 +139,9 @@ class Redundancy:
         await self.reload_assignments()
         record = await self.cluster.get_record(self.group)
         self._restart_srm(record, ha_enabled=ha_enabled)
+        self.lease.start()
         self._tasks = [
             asyncio.create_task(self._worker(), name="srm-effects"),
-            asyncio.create_task(self._lease_loop(), name="srm-lease"),
             asyncio.create_task(self._monitor_loop(), name="srm-monitor"),
         ]
 
@@ -161,6 +162,7 @@ class Redundancy:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.lease.stop()
 
     # --- inputs ------------------------------------------------------------------
 
@@ -226,16 +228,16 @@ class Redundancy:
     # --- hooks for the session manager ----------------------------------------------
 
     def may_serve(self) -> bool:
-        return self.peer is None or (not self.fenced and not self._lease_stale())
+        return self.peer is None or (not self.fenced and not self.lease.stale())
 
-    def _lease_stale(self) -> bool:
-        """Our lease may be seen as dead by the peer soon: stop serving a little earlier.
-
-        The peer takes over no earlier than heartbeat_timeout after it read our last
-        renewal, which started at `last_lease_ok`; we stop half an interval before that.
-        """
-        fence_after = self.params.heartbeat_timeout - self.params.heartbeat_interval / 2
-        return self.clock.now() - self.last_lease_ok >= fence_after
+    def _lease_timing(self) -> LeaseTiming:
+        """The peer takes over no earlier than heartbeat_timeout after it read our last
+        renewal, which started at `lease.last_ok`; we stop serving half an interval
+        before that. A loop that did not turn for a timeout less an interval renews
+        no more."""
+        interval, timeout = self.params.heartbeat_interval, self.params.heartbeat_timeout
+        return LeaseTiming(interval=interval, stale_after=timeout - interval / 2,
+                           stall_limit=max(timeout - interval, 2 * _monitor_period(interval)))  # fmt: skip
 
     async def login_guard(self, username: str) -> LoginRefusal | None:
         """Serve the user here only where the store assigns it and no move is under way."""
@@ -467,37 +469,24 @@ class Redundancy:
 
     # --- loops ---------------------------------------------------------------------
 
-    async def _lease_loop(self) -> None:
-        """Renew our lease once per heartbeat interval (at a fixed rate: a slow renewal
-        does not push the next one back) and watch the peer's."""
-        interval = self.params.heartbeat_interval
-        next_at = self.clock.now()
-        while True:
-            started = self.clock.now()
-            if self.peer is not None and not self.fenced and self._lease_stale():
-                self._fence()  # before renewing: after a freeze, the peer may own our users
+    async def _watch_lease(self) -> None:
+        """Fence while our lease is stale, unfence once it is fresh again, and tell the
+        detector when the peer's lease advanced."""
+        if self.lease.stale():
+            if self.peer is not None and not self.fenced:
+                self._fence()
+            self.lease.stale_handled()
+            return
+        if self.fenced:
             try:
-                await self.lease_store.renew_lease(self.node)
-                took = self.clock.now() - started
-                if took > interval / 2:
-                    log.warning("lease renewal took %.2f s (woke %.2f s late)", took,
-                                started - next_at)  # fmt: skip
-                # the peer saw the new counter no earlier than this renewal started
-                self.last_lease_ok = started
-                if self.peer is not None:
-                    counter = await self.lease_store.read_lease(self.peer.name)
-                    if counter != self._peer_lease:
-                        self._peer_lease = counter
-                        # read after the peer's commit: its silence counts from now, not
-                        # from before our own (possibly slow) renewal
-                        self.detector.lease_advanced(self.clock.now())
-                if self.fenced:
-                    await self._unfence()
+                await self._unfence()
             except StoreUnavailable as exc:
-                log.info("lease renewal failed: %s", exc)
-            interval = self.params.heartbeat_interval
-            next_at = max(next_at + interval, self.clock.now() + interval / 10)
-            await asyncio.sleep(next_at - self.clock.now())
+                log.info("SRM %s stays fenced: %s", self.node, exc)  # tried again next turn
+                return
+        counter, read_at = self.lease.peer_counter, self.lease.peer_read_at
+        if counter != self._peer_lease and read_at is not None:
+            self._peer_lease = counter
+            self.detector.lease_advanced(read_at)
 
     def _fence(self) -> None:
         log.warning("SRM %s: own lease is stale: fencing (no user is served here)", self.node)
@@ -506,12 +495,17 @@ class Redundancy:
 
     async def _unfence(self) -> None:
         log.warning("SRM %s: lease renewed again: restarting the SRM from the store", self.node)
-        self.fenced = False
-        await self.reload_assignments()
-        self._restart_srm(await self.cluster.get_record(self.group))
+        self.fenced = False  # before the reload: it may start standby activations
+        try:
+            await self.reload_assignments()
+            record = await self.cluster.get_record(self.group)
+        except StoreUnavailable:
+            self.fenced = True
+            raise
+        self._restart_srm(record)
 
     async def _monitor_loop(self) -> None:
-        period = min(1.0, self.params.heartbeat_interval / 2)
+        period = _monitor_period(self.params.heartbeat_interval)
         last = self.clock.now()
         while True:
             await asyncio.sleep(period)
@@ -522,12 +516,10 @@ class Redundancy:
             last = now
             store_ok = self.services["store"].healthy()
             self.detector.services(now, all_up=self.services.critical_up(), store_ok=store_ok)
-            if self.peer is None:
-                continue
-            if not self.fenced and self._lease_stale():
-                self._fence()
-            if self.fenced:
-                continue  # judged again from the store's record once the lease is back
+            await self._watch_lease()
+            self.lease.loop_turned()  # after the fence above: a thawed node fences first
+            if self.peer is None or self.fenced:
+                continue  # fenced: judged again from the store's record once the lease is back
             for trigger in self.detector.tick(now, self.srm.state):
                 self.feed(trigger)
 
@@ -544,6 +536,10 @@ class Redundancy:
             "peer_partitioned": self.detector.peer_partitioned(self.clock.now()),
             "fenced": self.fenced,
         }
+
+
+def _monitor_period(heartbeat_interval: float) -> float:
+    return min(1.0, heartbeat_interval / 2)
 
 
 _PUSH_WAIT = 2.0  # s a move waits for the standby activations it started before going on
