@@ -30,6 +30,7 @@ import asyncio
 import itertools
 import logging
 import random
+import weakref
 import xml.etree.ElementTree as ET
 from typing import TYPE_CHECKING, Any
 
@@ -77,6 +78,8 @@ class DualConnections:
         # "does this resource live on at you?" asked at one time (a node stopping with
         # thousands of sessions) goes to the peer as one request
         self._live_at_peer: Batcher[str, bool] = Batcher(self._ask_live, max_batch=10_000)
+        # sessions whose client asked for activation: it gets the result, no push as well
+        self._asked: weakref.WeakSet[ClientSession] = weakref.WeakSet()
 
     def install(self, hooks: Hooks) -> None:
         hooks.stream_features.append(self._stream_features)
@@ -164,6 +167,7 @@ class DualConnections:
     # --- activation asked by the client ---------------------------------------------
 
     async def _activate(self, session: ClientSession, iq: ET.Element) -> None:
+        self._asked.add(session)
         if session.jid is not None and session.activation_started:
             # activated already (a push got there first, §5): answered all the same
             await session.activate()
@@ -319,7 +323,7 @@ class DualConnections:
             await session.activate()
             if answer is not None and session is answer[0]:
                 session.send(iq_result(answer[1], ET.Element(ACTIVATE), sender=domain))
-            elif not pushed_meanwhile:
+            elif not pushed_meanwhile and session not in self._asked:
                 push = ET.Element(ns.tag(ns.CLIENT, "iq"), {
                     "type": "set", "id": "activate-" + manager.new_token(8),
                     "from": domain, "to": str(session.jid),
