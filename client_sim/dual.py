@@ -15,8 +15,11 @@ and the **standby** one (inactive). Rules:
   send presence (broadcast and directed), re-send what the old session never
   had acknowledged, probe a round trip to ourselves, and close the old
   connection if it is still open. The switch ends when the probe comes back:
-  that is the failover's downtime. Then (not before: the server has the whole
-  switch of many users to do) ask for a new plan.
+  that is the failover's downtime. A few seconds later ask for a new plan (not
+  sooner: the server has the whole switch of many users to do).
+- The standby connection lost (its node failed, most likely, and that node's
+  users are switching to ours right now): ask for a new plan as late as after
+  a switch; a standby refused while opening: ask again after a back-off.
 - Activation refused because the old session is alive (`conflict`): try again
   shortly (the server learns of its death in a moment), at most a few times,
   then log in again; refused otherwise: log in again.
@@ -36,7 +39,8 @@ BACKOFF_MAX = 30.0
 ACTIVATE_RETRY = 0.1  # s between activation attempts refused with conflict
 ACTIVATE_TRIES = 50
 DEDUP_WINDOW = 4096  # (sender, id) pairs remembered
-PLAN_AFTER_SWITCH = 2.0  # s after a switch: ask for a plan even if the probe is not back
+# s (times the jitter) after a switch, or after the standby was lost: ask for a new plan
+PLAN_AFTER_SWITCH = 4.0
 
 
 # --- actions for the driver --------------------------------------------------------
@@ -156,9 +160,9 @@ class DualCore:
         """An active session runs on `node` (after a login or a relogin)."""
         self.active = self._last_active = node
         self._backoff = BACKOFF_MIN
-        if self._switch is not None:  # a relogin ended a switch: the plan after the probe
+        if self._switch is not None:  # a relogin ended a switch: the plan a little later
             if dual_offered and self.standby is None:
-                self._plan_at = now + PLAN_AFTER_SWITCH
+                self._plan_at = now + PLAN_AFTER_SWITCH * self.jitter()
             return [Probe()]
         if dual_offered and self.standby is None:
             return [RequestPlan()]
@@ -209,12 +213,16 @@ class DualCore:
 
     def standby_lost(self, now: float) -> list[Action]:
         """The standby connection ended or was refused (before or after binding)."""
+        was_running = self.standby is not None
         self.standby = self.standby_opening = None
         self._activating = False
         if self.active is None:
             node = self._other(self._last_active)
             host, port = self.nodes[node]
             return [Relogin(node, host, port)]
+        if was_running:  # its node's users are switching to our node now: ask later
+            self._plan_at = now + PLAN_AFTER_SWITCH * self.jitter()
+            return []
         return self._retry_plan(now)
 
     def activated(self, now: float, *, pushed: bool = False) -> list[Action]:
@@ -229,7 +237,7 @@ class DualCore:
         self._activating = False
         self._activate_at = None
         resend, self._unacked = self._unacked, []
-        self._plan_at = now + PLAN_AFTER_SWITCH  # or at once when the probe is back
+        self._plan_at = now + PLAN_AFTER_SWITCH * self.jitter()
         return [Promote(resend), Probe()]
 
     def activation_refused(self, now: float, condition: str) -> list[Action]:
@@ -253,15 +261,11 @@ class DualCore:
     # --- traffic --------------------------------------------------------------------
 
     def probe_returned(self, now: float) -> list[Action]:
-        """The switch is over; ask for a new plan now if one is still due."""
+        """The switch is over (its new plan is due a little later)."""
         if self._switch is not None:
             self._switch.ended = now
             self.downtimes.append(self._switch)
             self._switch = None
-        if self._plan_at is not None and self.active is not None and self.standby is None:
-            if self.standby_opening is None:
-                self._plan_at = None
-                return [RequestPlan()]
         return []
 
     def message_received(self, sender: str, message_id: str) -> bool:

@@ -23,6 +23,7 @@ from xmpp_ha.protocol import ns
 PLAN = ns.tag(ns.DUAL, "plan")
 ACTIVATE = ns.tag(ns.DUAL, "activate")
 _IQ = ns.tag(ns.CLIENT, "iq")
+_MESSAGE = ns.tag(ns.CLIENT, "message")
 PROBE_PREFIX = "probe-"  # ids of the messages a client sends itself to time a switch
 
 
@@ -170,7 +171,8 @@ class DualDriver(Generic[C, X]):
         self.active = new
         new.send_presence()
         for stanza in resend:
-            if stanza.tag != _IQ:  # the old session's own requests died with it
+            # the old session's requests died with it, and its presence is the one just sent
+            if stanza.tag == _MESSAGE:
                 new.send_stanza(stanza)
         self._send_pending(new)
 

@@ -191,12 +191,19 @@ async def test_kill_9_the_client_activates_its_standby_and_misses_nothing(pair: 
     await chat(sender, alice, "after the switch", "k2")
     await next_message(standby, "after the switch")
     await pair.wait_counter("n2", "JsmSessionsClientInactive", 0)
+    # no plan while n1 is down: it would send the client to a dead node
+    down = await request(sender, "get", PLAN, "p-down")
+    assert error_condition(down) == "service-unavailable"
+    error = down.find(tag(CLIENT_NS, "error"))
+    assert error is not None and error.get("type") == "wait"
 
     # n1 comes back failed over; alice's client opens a standby session on it, and the
     # fallback moves her home over it: pushed activation, no new login
     await pair.wait_states({"n2": (State.BACKUP_MODE, Reason.PEER_DOWN)})
     await pair.restart("n1")
     await pair.wait_states({"n1": (State.FAILED_OVER, None)})
+    plan = (await request(standby, "get", PLAN, "p-back")).find(tag(DUAL_NS, "plan"))
+    assert plan is not None and plan.get("node") == "n1"
     back = await connect(pair, "n1", alice, standby=True)
     await pair.wait_counter("n1", "JsmSessionsClientInactive", 1)
     await pair.fallback("n1")

@@ -45,15 +45,18 @@ def test_losing_the_active_session_activates_the_standby_and_resends() -> None:
     actions = core.activated(10.2)
     assert actions == [Promote(unacked), Probe()]
     assert (core.active, core.standby) == ("n2", None)
-    assert core.probe_returned(10.25) == [RequestPlan()]  # the new plan once switched
+    assert core.probe_returned(10.25) == []
     (downtime,) = core.downtimes
     assert downtime.seconds == 0.25 and downtime.activated == 10.2 and not downtime.pushed
+    # the new plan a little later: the server is still switching the other users
+    assert core.due() == 10.2 + PLAN_AFTER_SWITCH
+    assert core.tick(10.2 + PLAN_AFTER_SWITCH) == [RequestPlan()]
 
 
 def test_a_push_switches_without_a_loss_and_counts_from_the_push() -> None:
     core = with_standby()
     assert core.activated(5.0, pushed=True) == [Promote([]), Probe()]
-    assert core.probe_returned(5.1) == [RequestPlan()]
+    assert core.probe_returned(5.1) == []
     assert core.downtimes[0].pushed and core.downtimes[0].seconds is not None
     assert core.activated(5.05) == []  # the answer to a crossed request: counted once
 
@@ -73,8 +76,9 @@ def test_without_a_standby_a_lost_session_logs_in_on_the_other_node() -> None:
     assert core.active_lost(1.0, []) == [Relogin("n2", *NODES["n2"])]
     assert core.relogin_failed(1.5, "n2") == [Relogin("n1", *NODES["n1"])]
     assert core.active_started(2.0, "n1", dual_offered=True) == [Probe()]
-    assert core.probe_returned(2.1) == [RequestPlan()]
+    assert core.probe_returned(2.1) == []
     assert core.downtimes[0].seconds is not None
+    assert core.tick(2.0 + PLAN_AFTER_SWITCH) == [RequestPlan()]
 
 
 def test_a_probe_that_never_returns_still_leads_to_a_plan() -> None:
@@ -96,6 +100,13 @@ def test_a_refused_standby_asks_for_a_plan_again_with_back_off() -> None:
     assert core.tick(0.6 + BACKOFF_MIN) == [RequestPlan()]
     core.plan_refused(1.2)
     assert core.due() == 1.2 + 2 * BACKOFF_MIN
+
+
+def test_a_lost_standby_asks_for_a_plan_after_the_other_users_switched() -> None:
+    core = with_standby()
+    assert core.standby_lost(3.0) == []  # its node failed: its users switch to ours now
+    assert core.due() == 3.0 + PLAN_AFTER_SWITCH
+    assert core.tick(3.0 + PLAN_AFTER_SWITCH) == [RequestPlan()]
 
 
 def test_duplicates_are_dropped_and_counted() -> None:

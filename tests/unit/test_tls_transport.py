@@ -14,6 +14,7 @@ import socket
 import ssl
 import struct
 import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -376,6 +377,33 @@ async def test_writes_of_one_turn_leave_together_with_the_turn_end_words(
     assert await client.wait_for(len(expected) + len(burst)) == expected + burst
 
 
+async def test_in_a_long_turn_writes_leave_before_the_next_read(
+    start_server: Any, server_ctx: ssl.SSLContext, client_ctx: ssl.SSLContext
+) -> None:
+    """Two connections readable in one turn: what the first one's handler wrote has
+    left (the handler took longer than the wait allows) before the second is read."""
+    pairs = [await _tls_pair(start_server, server_ctx, client_ctx) for _ in range(2)]
+    seen_sent: list[int] = []  # on entry to each handler: how many sends the other made
+    for index, (_, conn, _) in enumerate(pairs):
+        handler = conn._handler
+        assert isinstance(handler, EchoServer)
+        other_sent = pairs[1 - index][2]
+
+        def slow_echo(
+            data: bytes, handler: EchoServer = handler, other: list[bytes] = other_sent
+        ) -> None:
+            seen_sent.append(len(other))
+            EchoServer.data_received(handler, data)
+            time.sleep(0.02)  # a long turn: thousands of connections' work
+
+        handler.data_received = slow_echo  # type: ignore[method-assign]
+    for client, _, _ in pairs:  # both leave in one send turn: readable in one turn there
+        client.c.write(b"ping")
+    for client, _, _ in pairs:
+        assert await client.wait_for(4) == b"ping"
+    assert sorted(seen_sent) == [0, 1]  # the second read found the first echo sent
+
+
 async def test_close_sends_what_the_turn_wrote_and_abort_drops_it(
     start_server: Any, server_ctx: ssl.SSLContext, client_ctx: ssl.SSLContext
 ) -> None:
@@ -580,8 +608,8 @@ async def test_many_concurrent_connections(
     results = await asyncio.gather(*(handler.lost for handler in server.handlers))
     assert results == [None] * 200
     # One shared read buffer for all of them (one per event-loop thread).
-    assert threading.get_ident() in StreamConnection._buffers
-    buffers = {id(handler.c._read_buffers().socket.obj) for handler in server.handlers}
+    assert threading.get_ident() in StreamConnection._shared_by_thread
+    buffers = {id(handler.c._shared().socket.obj) for handler in server.handlers}
     assert len(buffers) == 1
 
 

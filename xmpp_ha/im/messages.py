@@ -65,8 +65,9 @@ class MessageService:
     def __init__(self, manager: SessionManager) -> None:
         self.manager = manager
         self.offline = OfflineWriter(manager.repo, manager.limits.offline_messages_per_user)
-        # logins at one time share one look for stored messages (most find none)
-        self._has_offline: Batcher[str, bool] = Batcher(self._users_with_offline)
+        # logins at one time (a failover's activations) share one look for stored
+        # messages (most find none), however many: every extra round costs a loop turn
+        self._has_offline: Batcher[str, bool] = Batcher(self._users_with_offline, max_batch=10_000)
 
     def outbound(
         self, session: ClientSession, stanza: ET.Element, header: StanzaHeader

@@ -52,7 +52,8 @@ class PresenceService:
             return self.manager.roster.outbound_subscription(session, stanza, header)
         if header.to is None:
             if header.type == "available":
-                return self._broadcast_available(session, stanza)
+                self._broadcast_available(session, stanza)
+                return None
             if header.type == "unavailable":
                 self._broadcast_unavailable(session, stanza)
                 return None
@@ -74,9 +75,7 @@ class PresenceService:
         else:
             session.directed.discard(target)
 
-    def _broadcast_available(
-        self, session: ClientSession, stanza: ET.Element
-    ) -> Awaitable[None] | None:
+    def _broadcast_available(self, session: ClientSession, stanza: ET.Element) -> None:
         assert session.jid is not None and session.record is not None
         initial = not session.available
         session.priority = priority_of(stanza)
@@ -89,12 +88,14 @@ class PresenceService:
                 own.send(readdressed(stanza, str(own.jid)))
         self._to_subscribers(record, stanza)
         if not initial:
-            return None
+            return
         self.manager.became_available(record.username)
         for own in record.available():
             if own is not session and own.presence is not None and own.jid is not None:
                 session.send(readdressed(own.presence, str(session.jid)))
-        return self._initial_extras(session)
+        # beside, not before, the session's next stanzas: they do not depend on it, and
+        # a switch's round trip must not wait for the look for stored messages
+        session.beside(self._initial_extras(session))
 
     async def _initial_extras(self, session: ClientSession) -> None:
         assert session.jid is not None and session.record is not None

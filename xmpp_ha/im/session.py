@@ -253,6 +253,11 @@ class ClientSession:
                 self.transport.resume_reading()
             self.flush()
 
+    def beside(self, work: Awaitable[None]) -> None:
+        """Run work for this session without holding up its next stanzas; a store failure
+        ends the stream, as in stanza processing."""
+        self.manager.spawn(self._guard(work))
+
     async def _guard(self, pending: Awaitable[None]) -> None:
         try:
             await pending

@@ -24,7 +24,10 @@ Rules and invariants:
   the ack request after it, a burst of deliveries). `at_turn_end()` lets the
   layer above add its last words to that (one XEP-0198 ack request for all).
   A burst of more than `_UNSENT_LIMIT` bytes leaves at once, so that
-  `writable` and `drain()` see it.
+  `writable` and `drain()` see it. In a long turn (thousands of connections
+  ready at once) nothing waits for its end more than `_UNSENT_WAIT`: what the
+  loop's connections have written leaves before the next read, so that the
+  other side works on it meanwhile.
   `close()` sends it first; `abort()` and failures drop it.
 - Failures (handshake or record errors, resets) never raise into the event
   loop: the connection closes and the handler gets `connection_lost(exc)`,
@@ -40,6 +43,7 @@ import enum
 import socket
 import ssl
 import threading
+import time
 import typing
 from collections.abc import Callable
 from pathlib import Path
@@ -66,6 +70,8 @@ TLS_WRITE_SIZE = 4 * 1024
 # Bytes written in one turn of the loop after which they are sent without waiting
 # for its end, so that the write buffer (and `writable`) sees a burst.
 _UNSENT_LIMIT = 64 * 1024
+# Seconds written data waits at most for the end of its turn of the loop.
+_UNSENT_WAIT = 0.005
 
 StrPath = str | Path
 
@@ -91,18 +97,37 @@ class _Mode(enum.Enum):
     CLOSED = "closed"  # close()/abort()/failure; nothing more is read or written
 
 
-class _ReadBuffers:
-    """The shared buffers, one pair per thread (one event loop per thread).
+class _Shared:
+    """What the connections of one thread (one event loop) share: the read buffers,
+    and the connections whose writes wait for the end of the loop's turn.
 
     A dict keyed by thread id rather than one global: two loops in two threads
     sharing one buffer would corrupt each other's reads.
     """
 
-    __slots__ = ("socket", "plain")
+    __slots__ = ("socket", "plain", "waiting", "waiting_since")
 
     def __init__(self) -> None:
         self.socket = memoryview(bytearray(READ_BUFFER_SIZE))  # recv_into target
         self.plain = memoryview(bytearray(READ_BUFFER_SIZE))  # SSLObject.read target
+        self.waiting: list[StreamConnection] = []  # wrote in this turn, not sent yet
+        self.waiting_since = 0.0  # when the first of them wrote
+
+    def wait_for_turn_end(self, conn: StreamConnection) -> None:
+        if not self.waiting:
+            self.waiting_since = time.monotonic()
+            asyncio.get_running_loop().call_soon(self.send_all)
+        self.waiting.append(conn)
+
+    def send_if_waited(self) -> None:
+        """Between two reads of a long turn: what waited long enough leaves now."""
+        if self.waiting and time.monotonic() - self.waiting_since >= _UNSENT_WAIT:
+            self.send_all()
+
+    def send_all(self) -> None:
+        waiting, self.waiting = self.waiting, []
+        for conn in waiting:
+            conn._send_unsent()
 
 
 class StreamConnection(asyncio.BufferedProtocol):
@@ -113,7 +138,7 @@ class StreamConnection(asyncio.BufferedProtocol):
     then `start_tls(ctx, server_side=False, server_hostname=...)`.
     """
 
-    _buffers: ClassVar[dict[int, _ReadBuffers]] = {}
+    _shared_by_thread: ClassVar[dict[int, _Shared]] = {}
 
     __slots__ = (
         "_handler_factory",
@@ -249,7 +274,7 @@ class StreamConnection(asyncio.BufferedProtocol):
         if self._unsent is None:
             self._unsent = []
             self._unsent_size = 0
-            asyncio.get_running_loop().call_soon(self._send_unsent)
+            self._shared().wait_for_turn_end(self)
         return self._unsent
 
     def start_tls(
@@ -353,18 +378,21 @@ class StreamConnection(asyncio.BufferedProtocol):
             raise
 
     def get_buffer(self, sizehint: int) -> memoryview:
-        return self._read_buffers().socket
+        shared = self._shared()
+        shared.send_if_waited()
+        return shared.socket
 
     def buffer_updated(self, nbytes: int) -> None:
         if self._handler is None:
             return
-        data = self._read_buffers().socket[:nbytes]
+        data = self._shared().socket[:nbytes]
         if self._mode is _Mode.PLAIN:
             self._handler.data_received(bytes(data))
         elif self._mode is not _Mode.CLOSED:
             self._tls_input(data)
 
     def eof_received(self) -> bool | None:
+        self._shared().send_if_waited()
         if self._incoming is not None and self._mode is not _Mode.CLOSED:
             backlog, self._backlog = self._backlog, None
             if backlog:
@@ -399,12 +427,12 @@ class StreamConnection(asyncio.BufferedProtocol):
     # ------------------------------------------------------------- TLS work
 
     @classmethod
-    def _read_buffers(cls) -> _ReadBuffers:
+    def _shared(cls) -> _Shared:
         thread_id = threading.get_ident()
-        buffers = cls._buffers.get(thread_id)
-        if buffers is None:
-            buffers = cls._buffers[thread_id] = _ReadBuffers()
-        return buffers
+        shared = cls._shared_by_thread.get(thread_id)
+        if shared is None:
+            shared = cls._shared_by_thread[thread_id] = _Shared()
+        return shared
 
     def _tls_input(self, data: memoryview | None) -> None:
         """Feed ciphertext into TLS, advance the handshake, deliver plaintext.
@@ -416,7 +444,7 @@ class StreamConnection(asyncio.BufferedProtocol):
         if self._backlog is not None:
             backlog, self._backlog = self._backlog, None
             data = memoryview(backlog if data is None else backlog + data)
-        plain = self._read_buffers().plain
+        plain = self._shared().plain
         size = len(plain)
         filled = 0
         position = 0

@@ -144,6 +144,11 @@ class DualConnections:
             raise StanzaError(StanzaCondition.FEATURE_NOT_IMPLEMENTED, "no dual connections here")
         if session.standby:
             raise StanzaError(StanzaCondition.NOT_ALLOWED, "ask your active session")
+        link = self.member.link
+        if link is None or not link.connected:  # a plan would send the client to a dead node
+            raise StanzaError(
+                StanzaCondition.SERVICE_UNAVAILABLE, "the other node is down: ask later", "wait"
+            )
         peer = redundancy.peer
         assert peer is not None and self.member.cluster is not None
         try:
@@ -240,14 +245,16 @@ class DualConnections:
         """Move users here from the peer whose system closed the link: one fenced move.
         Every user of the peer with a standby session here goes with the first ones to
         ask: their clients lost their sessions with that process too and are asking now
-        (one move for all of them instead of one per batch of requests)."""
+        (one move for all of them instead of one per batch of requests). True for each
+        user served here now, however it got here (an earlier batch took most)."""
         redundancy, manager = self.member.redundancy, self.member.node.manager
         if redundancy is None or redundancy.peer is None or manager is None:
             return [False] * len(usernames)
-        others = [name for name in manager.standby if redundancy.user_on_peer(name)]
-        moved = set(await redundancy.claim_from_peer(list({*usernames, *others})))
-        log.info("dual: %d users taken over from a closed peer", len(moved))
-        return [username in moved for username in usernames]
+        on_peer = {name for name in (*usernames, *manager.standby) if redundancy.user_on_peer(name)}
+        if on_peer:
+            moved = await redundancy.claim_from_peer(list(on_peer))
+            log.info("dual: %d users taken over from a closed peer", len(moved))
+        return [redundancy.user_here(username) for username in usernames]
 
     async def _ask_release(self, username: str) -> tuple[bool, str]:
         answer = await self._ask({"op": "release", "user": username})

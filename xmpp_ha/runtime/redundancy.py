@@ -269,6 +269,10 @@ class Redundancy:
             self.assignments[username] = fresh
         return fresh
 
+    def user_here(self, username: str) -> bool:
+        assignment = self.assignments.get(username)
+        return assignment is not None and assignment.current_node == self.node
+
     def user_on_peer(self, username: str) -> bool:
         assignment = self.assignments.get(username)
         return (
