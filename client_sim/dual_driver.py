@@ -24,6 +24,12 @@ PLAN = ns.tag(ns.DUAL, "plan")
 ACTIVATE = ns.tag(ns.DUAL, "activate")
 _IQ = ns.tag(ns.CLIENT, "iq")
 _MESSAGE = ns.tag(ns.CLIENT, "message")
+RECEIPT_REQUEST = ns.tag(ns.RECEIPTS, "request")
+RECEIPT = ns.tag(ns.RECEIPTS, "received")
+# ask for the server's <a/> after every stanza: after a switch the client re-sends what
+# the old node never acknowledged, and with one request per 10 stanzas (the stream's
+# default) that was up to 9 messages the recipient already had (dropped as duplicates)
+ACK_EVERY = 1
 PROBE_PREFIX = "probe-"  # ids of the messages a client sends itself to time a switch
 
 
@@ -80,11 +86,23 @@ class DualDriver(Generic[C, X]):
 
     # --- the API ----------------------------------------------------------------------
 
-    def send_message(self, to: str, body: str, *, id: str) -> None:
-        """Send now, or as soon as a session is active again (nothing is dropped)."""
+    def send_message(self, to: str, body: str, *, id: str, receipt: bool = False) -> None:
+        """Send now, or as soon as a session is active again (nothing is dropped);
+        `receipt`: ask the recipient for a XEP-0184 delivery receipt."""
         self.sent += 1
-        stanza = ET.Element(ns.tag(ns.CLIENT, "message"), {"to": to, "type": "chat", "id": id})
+        stanza = ET.Element(_MESSAGE, {"to": to, "type": "chat", "id": id})
         ET.SubElement(stanza, ns.tag(ns.CLIENT, "body")).text = body
+        if receipt:
+            ET.SubElement(stanza, RECEIPT_REQUEST)
+        self._send(stanza)
+
+    def send_receipt(self, to: str, *, of: str) -> None:
+        """The XEP-0184 receipt for message `of` (ids of receipts are `rcpt-` + `of`)."""
+        stanza = ET.Element(_MESSAGE, {"to": to, "id": f"rcpt-{of}"})
+        ET.SubElement(stanza, RECEIPT, {"id": of})
+        self._send(stanza)
+
+    def _send(self, stanza: ET.Element) -> None:
         if self.active is not None and not self.active.closed:
             self.active.send_stanza(stanza)
         else:
@@ -106,6 +124,7 @@ class DualDriver(Generic[C, X]):
         return ClientStream(
             jid=self.jid, password=self.password, nonce=new_nonce, resource=self.resource,
             stream_management=True, resumable=False, key_cache=self.key_cache, standby=standby,
+            ack_interval=ACK_EVERY,
         )  # fmt: skip
 
     def _send_pending(self, connection: C) -> None:

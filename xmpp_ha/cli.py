@@ -291,7 +291,27 @@ def build_parser() -> argparse.ArgumentParser:
     from xmpp_ha import cli_admin
 
     cli_admin.add_parsers(commands)
+    loadtest = commands.add_parser(
+        "loadtest", help="failover under load: a pair, Locust users, a failure, a report"
+    )
+    try:
+        from loadtests.run import add_arguments
+    except ImportError:  # installed without the [load] extra
+        loadtest.set_defaults(handler=_no_loadtest)
+    else:
+        add_arguments(loadtest)
+        loadtest.set_defaults(handler=cmd_loadtest)
     return parser
+
+
+def cmd_loadtest(args: argparse.Namespace) -> int:
+    from loadtests.run import main as run_loadtest
+
+    return run_loadtest(args)
+
+
+def _no_loadtest(args: argparse.Namespace) -> int:
+    raise CLIError("loadtest needs Locust and gevent: pip install -e '.[load]'")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

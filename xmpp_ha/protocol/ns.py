@@ -17,6 +17,7 @@ CARBONS = "urn:xmpp:carbons:2"
 FORWARD = "urn:xmpp:forward:0"
 HINTS = "urn:xmpp:hints"
 DELAY = "urn:xmpp:delay"
+RECEIPTS = "urn:xmpp:receipts"  # XEP-0184 message delivery receipts
 VERSION = "jabber:iq:version"
 XML = "http://www.w3.org/XML/1998/namespace"
 DUAL = "urn:xmpp-ha:dual:0"  # dual connections (docs/dual-connections.md)
