@@ -55,6 +55,9 @@ class Hooks:
     standby_guard: StandbyGuard | None = None
     # asked for a local-domain user with no session here: did another node take the stanza?
     route_remote: RemoteRouter | None = None
+    # asked before delivering to a user's sessions here: True when another node serves the
+    # user now (its sessions here are about to end): stanzas go the `route_remote` way
+    served_elsewhere: Callable[[str], bool] | None = None
     # asked before serving a bound session's input: False when this node is fenced
     may_serve: Callable[[], bool] | None = None
     # told the username after messages were stored offline for it (another node that

@@ -352,7 +352,11 @@ class SessionManager:
         queue = self._in_transit.get(username)
         if queue is None:
             record = self.users.get(username)
-            if record is not None and not (header.kind == "message" and record.presence_due()):
+            if (
+                record is not None
+                and not (header.kind == "message" and record.presence_due())
+                and not (may_forward and self._served_elsewhere(username))
+            ):
                 return self._deliver_to(record, stanza, header, confirm=not may_forward)
             queue = self._in_transit[username] = deque()
             self.spawn(self._forward_in_transit(username, queue))
@@ -365,6 +369,10 @@ class SessionManager:
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         queue.append(_InTransit(stanza, header, may_forward, done))
         return done
+
+    def _served_elsewhere(self, username: str) -> bool:
+        served_elsewhere = self.hooks.served_elsewhere
+        return served_elsewhere is not None and served_elsewhere(username)
 
     def deliver_here(self, stanza: ET.Element, header: StanzaHeader) -> Awaitable[None] | None:
         """Deliver on this node only (a stanza another node forwarded here): never forward."""

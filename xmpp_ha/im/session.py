@@ -41,6 +41,7 @@ from xmpp_ha.store.repository import StoreUnavailable
 log = logging.getLogger(__name__)
 
 _BACKLOG_PAUSE = 64  # events waiting before we stop reading from the socket
+_ACK_INTERVAL = 100  # stanzas in one loop iteration before an <r/> among them (else at its end)
 _STANDBY_NAMESPACES = frozenset(
     {ns.PING, ns.DISCO_INFO, ns.DUAL}
 )  # what an inactive session may ask
@@ -106,7 +107,8 @@ class ClientSession:
         self._undelivered: list[ET.Element] = []  # sent after the stream closed
         # receipts asked for (see receipt()): outbound count to cover, future to resolve
         self._receipts: deque[tuple[int, asyncio.Future[None]]] = deque()
-        self._ack_requested = False
+        self._ack_requested = False  # an <r/> is due at the end of this loop iteration
+        self._ack_asked: int | None = None  # outbound count our unanswered <r/> covers
         self._closed = False
         manager.connections.add(self)
 
@@ -121,6 +123,11 @@ class ClientSession:
         self.last_received = self.manager.clock.now()
         self.ping_sent_at = None
         events = self.stream.receive_data(data)
+        sm = self.stream.sm
+        if self._ack_asked is not None and sm is not None and sm.covers(self._ack_asked):
+            self._ack_asked = None  # answered: ask again for what was sent since
+            if sm.unacked_count:
+                self._want_ack()
         if self._receipts:
             self._settle_receipts()
         if self._backlog is not None:
@@ -172,8 +179,13 @@ class ClientSession:
             self._undelivered.append(stanza)  # handed on when the session terminates
             return
         self.stream.send_stanza(stanza)
-        if self.stream.sm is not None and self.stream.sm.overflowed:
-            self.stream.fail(StreamCondition.POLICY_VIOLATION, "too many unacknowledged stanzas")
+        if self.stream.sm is not None:
+            if self.stream.sm.overflowed:
+                self.stream.fail(
+                    StreamCondition.POLICY_VIOLATION, "too many unacknowledged stanzas"
+                )
+            else:
+                self._want_ack()
         self.flush()
 
     def receipt(self) -> asyncio.Future[None] | None:
@@ -185,16 +197,29 @@ class ClientSession:
             return None
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._receipts.append((sm.outbound_sent, future))
-        if not self._ack_requested:  # one <r/> for everything sent in this loop iteration
+        self._want_ack()
+        return future
+
+    def _want_ack(self) -> None:
+        """Ask the client to acknowledge what was sent (XEP-0198 <r/>), once at the end of
+        this loop iteration, and not while an earlier request is unanswered: one request
+        per round trip. A session that ends hands on what the client did not acknowledge
+        (a switch to the peer): with a request per 5 stanzas that was up to seconds of
+        traffic the client already had, delivered twice; now it is what was on its way."""
+        if not self._ack_requested:
             self._ack_requested = True
             self.transport.at_turn_end(self._request_ack)
-        return future
 
     def _request_ack(self) -> None:
         self._ack_requested = False
-        if self._receipts and not self._closed:
-            self.stream.request_ack()
-            self.flush()
+        sm = self.stream.sm
+        if sm is None or self._closed or not sm.unacked_count:
+            return
+        if self._ack_asked is not None and not sm.covers(self._ack_asked):
+            return  # the answer to the last request asks again (data_received)
+        self._ack_asked = sm.outbound_sent
+        self.stream.request_ack()
+        self.flush()
 
     def _settle_receipts(self, *, all_of_them: bool = False) -> None:
         sm = self.stream.sm
@@ -529,7 +554,7 @@ class ClientSession:
         self.manager.messages.look_for_offline(self)
 
     def _enable_sm(self, resume: bool) -> None:
-        sm = StreamManagement()
+        sm = StreamManagement(ack_interval=_ACK_INTERVAL)  # <r/> at turn ends: _want_ack()
         if resume and self.jid is not None and not self.standby:  # a standby is the fallback
             self.resume_token = self.manager.new_token(18)
             self.manager.resumable[self.resume_token] = self

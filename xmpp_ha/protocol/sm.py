@@ -123,6 +123,10 @@ class StreamManagement:
         return list(self._queue)
 
     @property
+    def unacked_count(self) -> int:
+        return len(self._queue)
+
+    @property
     def overflowed(self) -> bool:
         """More than `max_unacked` stanzas wait: the client is not acking; end the stream."""
         return len(self._queue) > self.max_unacked

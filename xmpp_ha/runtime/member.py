@@ -127,6 +127,7 @@ class GroupMember:
         hooks.may_serve = lambda: self.redundancy is None or self.redundancy.may_serve()
         hooks.login_guard = self._login_guard
         hooks.route_remote = self._route_remote
+        hooks.served_elsewhere = self._served_elsewhere
         hooks.offline_stored.append(self._offline_stored)
         self.dual.install(hooks)
         await self._start_sync_agent()
@@ -279,6 +280,10 @@ class GroupMember:
                 manager.spawn(manager.messages.flush_stored(username))
 
     # --- hooks ----------------------------------------------------------------------
+
+    def _served_elsewhere(self, username: str) -> bool:
+        redundancy = self.redundancy
+        return redundancy is not None and redundancy.user_on_peer(username)
 
     async def _route_remote(self, username: str, stanza: ET.Element) -> bool:
         redundancy, link = self.redundancy, self.link

@@ -16,6 +16,7 @@ that moved. When it recovers it restarts its SRM from the store's record.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import secrets
 import xml.etree.ElementTree as ET
@@ -132,6 +133,8 @@ class Redundancy:
         # users now served here: returns the work started for them (standby activations)
         self.on_arrival: Callable[[list[str]], list[asyncio.Future[None]]] | None = None
         self._tasks: list[asyncio.Task[object]] = []
+        self._reloads: dict[int, asyncio.Future[None]] = {}  # our reload requests, by id
+        self._reload_ids = itertools.count(1)
 
     # --- life cycle --------------------------------------------------------------
 
@@ -210,7 +213,14 @@ class Redundancy:
             for trigger in self.detector.peer_stopping():
                 self.feed(trigger)
         elif kind == "reload":
-            self._spawn_reload()
+            if isinstance(message.get("id"), int):
+                self._tasks.append(asyncio.create_task(self._reload_and_answer(message["id"])))
+            else:
+                self._spawn_reload()
+        elif kind == "reloaded":
+            waiter = self._reloads.get(message.get("id"))  # type: ignore[arg-type]
+            if waiter is not None and not waiter.done():
+                waiter.set_result(None)
 
         else:
             log.warning("unknown peer message %r", kind)
@@ -358,7 +368,6 @@ class Redundancy:
             if move is Move.TAKE_OVER:
                 moved = await self.cluster.move_users(peer, self.node)
             elif move is Move.GIVE_BACK:
-                self._disconnect(lambda username: self.home_of(username) == peer)
                 moved = await self.cluster.give_back(self.node, peer)
             else:
                 moved = await self.cluster.take_all(self.node, [self.node, peer])
@@ -367,6 +376,12 @@ class Redundancy:
             log.error("moving users (%s) failed: %s", move.value, exc)
             return False
         log.info("moved %d users (%s)", len(moved), move.value)
+        if move is Move.GIVE_BACK:
+            # the users' sessions here end only once the peer pushed the activation of
+            # their standby sessions there: dual-connected clients switch without a loss.
+            # Meanwhile what arrives here for them is routed to the peer.
+            await self.reload_assignments(end_moved_sessions=False)
+            await self._peer_reloaded()
         activations = await self.reload_assignments()
         if activations:
             # dual-connected clients hear of their move from us (a pushed activation)
@@ -412,7 +427,9 @@ class Redundancy:
                 session.flush()
         self.manager.end_hibernated(which)
 
-    async def reload_assignments(self) -> list[asyncio.Future[None]]:
+    async def reload_assignments(
+        self, *, end_moved_sessions: bool = True
+    ) -> list[asyncio.Future[None]]:
         """Refresh the assignment cache, then end sessions of users no longer served here
         and tell `on_arrival` about users served here now; returns what that started."""
         before = self.assignments
@@ -421,7 +438,7 @@ class Redundancy:
         except StoreUnavailable as exc:
             log.warning("cannot reload assignments: %s", exc)
             return []
-        if self.peer is not None and self.srm.state is not State.UNKNOWN:
+        if end_moved_sessions and self.peer is not None and self.srm.state is not State.UNKNOWN:
             self._disconnect(self._moved_away)
             arrived = [
                 username
@@ -466,6 +483,27 @@ class Redundancy:
     def _moved_away(self, username: str) -> bool:
         assignment = self.assignments.get(username)
         return assignment is not None and assignment.current_node not in (None, self.node)
+
+    async def _reload_and_answer(self, request_id: int) -> None:
+        """The peer moved users here and waits for their standby activations to be pushed."""
+        activations = await self.reload_assignments()
+        if activations:
+            await asyncio.wait(activations, timeout=_PUSH_WAIT)
+        self._send_peer({"t": "reloaded", "id": request_id})
+
+    async def _peer_reloaded(self) -> None:
+        """Ask the peer to reload the assignments; returns once it pushed the activations
+        of the users it has now (or after `_PUSH_WAIT`: a peer of an older version does
+        not answer)."""
+        request_id = next(self._reload_ids)
+        waiter = self._reloads[request_id] = asyncio.get_running_loop().create_future()
+        self._send_peer({"t": "reload", "id": request_id})
+        try:
+            await asyncio.wait_for(waiter, _PUSH_WAIT)
+        except TimeoutError:
+            log.info("the peer did not confirm its reload within %.1f s", _PUSH_WAIT)
+        finally:
+            del self._reloads[request_id]
 
     def _spawn_reload(self) -> None:
         self._tasks.append(asyncio.create_task(self.reload_assignments()))
