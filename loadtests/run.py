@@ -6,9 +6,8 @@
    dead node is seen within seconds) with accounts user0..userN-1.
 2. Locust, headless, on `loadtests/locustfile.py`: N users ramp up (`--spawn-rate`
    per second, logins retried with back-off), each with an active session on the
-   node serving it and a standby on the other, chatting (message + receipt).
-   `--processes` when the users need more than one process (2 descriptors per
-   user, 20,000 per process here).
+   node serving it and a standby on the other, chatting (message + receipt);
+   several Locust processes above 2,500 users (see `default_processes`).
 3. Once every user has both sessions, and `--steady` seconds later, n1 fails:
    kill (SIGKILL), freeze (SIGSTOP, SIGCONT once every user of n1 switched) or
    manual (`POST /nodes/n1/failover` on the admin API).
@@ -36,9 +35,20 @@ from loadtests.accounts import ACCOUNTS_FILE, write_accounts
 
 LOCUSTFILE = Path(__file__).with_name("locustfile.py")
 DESCRIPTORS_PER_PROCESS = 18_000  # of the 20,000 allowed, room for files and the master link
+USERS_PER_PROCESS = 2_500
 PAIR_PARAMS = {"heartbeat_interval": 1, "heartbeat_timeout": 3,
                "initialization_heartbeat_timeout": 5, "critical_service_down_delay": 2}  # fmt: skip
 FAILED = "n1"
+
+
+def default_processes(users: int) -> int:
+    """Locust processes for `users`: enough descriptors (2 per user, 20,000 per process),
+    and one per USERS_PER_PROCESS up to the cores, since one gevent process is saturated by
+    a switch of about that many users (5,000 kill -9 here: p99 2.2-3.7 s in one process,
+    1.4-1.6 s in two)."""
+    for_descriptors = -(-2 * users // DESCRIPTORS_PER_PROCESS)
+    for_cpu = min(os.cpu_count() or 1, -(-users // USERS_PER_PROCESS))
+    return max(1, for_descriptors, for_cpu)
 
 
 class LoadTestError(RuntimeError):
@@ -51,7 +61,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="how n1 fails: SIGKILL, SIGSTOP, or manual failover (admin API)")  # fmt: skip
     parser.add_argument("--out", required=True, help="directory for the report (made fresh)")
     parser.add_argument("--processes", type=int, default=0,
-                        help="Locust processes (default: as many as 2 descriptors per user need)")  # fmt: skip
+                        help="Locust processes (default: 2 descriptors per user, 20,000 per "
+                             "process, and one per 2,500 users up to the cores)")  # fmt: skip
     parser.add_argument("--spawn-rate", type=float, default=100.0, help="users started per s")
     parser.add_argument("--chat-interval", nargs=2, type=float, default=(5.0, 10.0),
                         metavar=("LOW", "HIGH"), help="s between two messages of a user (5 10)")  # fmt: skip
@@ -92,7 +103,7 @@ class LoadTest:
         self.pair = Pair(self.layout)
         self.locust: subprocess.Popen[bytes] | None = None
         self.marks: list[dict[str, Any]] = []  # what was done when (wall time)
-        self.processes = args.processes or max(1, -(-2 * args.users // DESCRIPTORS_PER_PROCESS))
+        self.processes = args.processes or default_processes(args.users)
 
     def say(self, text: str) -> None:
         print(f"[{time.strftime('%H:%M:%S')}] {text}", flush=True)
