@@ -14,6 +14,7 @@ from __future__ import annotations
 import csv
 import html
 import json
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -42,7 +43,12 @@ def merge(parts_dir: Path) -> dict[str, Any]:
 def write(out: Path, *, marks: list[dict[str, Any]], meta: dict[str, Any]) -> dict[str, Any]:
     merged = merge(out / "parts")
     fallback_at = next((m["time"] for m in marks if "fallback" in m["what"]), float("inf"))
-    failed_at = next((m["time"] for m in marks if m["what"].startswith("n1:")), 0.0)
+    failed_at = next((m["time"] for m in marks if m["what"].startswith("n1:")), None)
+    if failed_at is None:  # an interactive run: time from the first switch, or the start
+        starts = [d["started"] for d in merged["downtimes"]] or [
+            t for t, _ in merged["round_trips"]
+        ]
+        failed_at = min(starts, default=0.0)
     failover = [d for d in merged["downtimes"] if d["started"] < fallback_at]
     fallback = [d for d in merged["downtimes"] if d["started"] >= fallback_at]
     sent, received = merged["sent"], merged["received"]
@@ -187,7 +193,8 @@ def page(summary: dict[str, Any], charts: dict[str, str]) -> str:
     rows = "".join(f"<tr><th>{html.escape(k)}</th><td><code>{html.escape(json.dumps(v))}</code></td></tr>"
                    for k, v in summary.items() if k != "headline")  # fmt: skip
     images = "".join(f"<figure>{svg}</figure>" for svg in charts.values())
-    title = f"xmpp-ha load test: {summary['scenario']}, {summary['users']} users"
+    users = f"{summary['users']} users" if summary.get("users") else "users of the run"
+    title = f"xmpp-ha load test: {summary['scenario']}, {users}"
     return (
         f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
         "<style>body{font-family:sans-serif;margin:2em}td,th{text-align:left;padding:2px 8px;"
@@ -196,3 +203,23 @@ def page(summary: dict[str, Any], charts: dict[str, str]) -> str:
         "<p>Locust's own report: <a href='locust.html'>locust.html</a>; "
         "CSV: downtimes.csv, round_trips_per_second.csv, locust_stats.csv.</p></body></html>"
     )
+
+
+def main(argv: list[str]) -> int:
+    """`python -m loadtests.report OUT`: the report of an interactive run (the Locust
+    processes wrote OUT/parts when the test stopped)."""
+    if len(argv) != 1:
+        print("usage: python -m loadtests.report OUT", file=sys.stderr)
+        return 2
+    out = Path(argv[0])
+    if not any((out / "parts").glob("[0-9]*[0-9].json")):
+        print(f"{out}/parts holds no measurements (stop the test first)", file=sys.stderr)
+        return 1
+    meta = {"scenario": "interactive", "users": None, "users_of_n1": None}
+    summary = write(out, marks=[], meta=meta)
+    print(json.dumps(summary["headline"], indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
