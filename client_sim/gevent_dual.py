@@ -75,7 +75,7 @@ class GeventConnection:
         self.ended = gevent.event.Event()
         self.reason: LoginError | None = None
         self._iqs: dict[str, gevent.event.AsyncResult] = {}
-        self._flush_due = False  # a greenlet is about to write what the stream has queued
+        self._dispatching = False  # the reader is handing out events: it writes after them
 
     @property
     def closed(self) -> bool:
@@ -100,20 +100,20 @@ class GeventConnection:
     def send_stanza(self, stanza: ET.Element) -> None:
         if not self.closed:
             self.stream.send_stanza(stanza)
-            self._flush_soon()
+            self._flush_unless_dispatching()
 
     def send_iq(self, iq_type: str, payload: ET.Element, timeout: float = 30.0) -> ET.Element:
         """Send an iq and wait for its answer (this greenlet); LoginError if the stream ends."""
         iq_id = self.stream.send_iq(iq_type, payload)
         answer = self._iqs[iq_id] = gevent.event.AsyncResult()
-        self._flush_soon()
+        self._flush()
         result = answer.get(timeout=timeout)
         assert isinstance(result, ET.Element)
         return result
 
     def send_presence(self) -> None:
         self.stream.send_presence()
-        self._flush_soon()
+        self._flush_unless_dispatching()
 
     def abort(self) -> None:
         if self.sock is not None:
@@ -133,9 +133,13 @@ class GeventConnection:
                 self.reason = self.reason or LoginError("connection-lost", str(exc))
                 data = b""
             events = self.stream.receive_data(data) if data else self.stream.connection_lost()
-            for event in events:
-                self._dispatch(event)
-            self._flush_soon()
+            self._dispatching = True
+            try:
+                for event in events:
+                    self._dispatch(event)
+            finally:
+                self._dispatching = False
+            self._flush()
 
     def _dispatch(self, event: ClientEvent) -> None:
         if isinstance(event, TLSRequested):
@@ -159,19 +163,12 @@ class GeventConnection:
         else:
             self.on_event(self, event)
 
-    def _flush_soon(self) -> None:
-        """Write what the stream queued once this greenlet yields: what one step sends
-        (a switch: the push's answer, presence, re-sent messages, the probe) leaves in one
-        TLS write, and one greenlet at a time writes on the socket."""
-        if not self._flush_due:
-            self._flush_due = True
-            gevent.spawn(self._flush_queued)
-
-    def _flush_queued(self) -> None:
-        try:
+    def _flush_unless_dispatching(self) -> None:
+        """Write now, unless this connection's reader is handing out events: it writes
+        after the last one, so that what they answered leaves in one write (a pushed
+        activation: its answer, presence, re-sent messages and the probe)."""
+        if not self._dispatching:
             self._flush()
-        finally:
-            self._flush_due = False
 
     def _flush(self) -> None:
         # send(), not sendall(): gevent's sendall asks the kernel for SO_SNDBUF on every

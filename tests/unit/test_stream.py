@@ -21,6 +21,7 @@ from xmpp_ha.protocol import ns
 from xmpp_ha.protocol.sm import StreamManagement
 from xmpp_ha.protocol.stream import (
     SASL_MECHANISMS,
+    AckRequested,
     BindRequested,
     C2SStream,
     Phase,
@@ -864,6 +865,23 @@ def test_r_is_answered_with_the_count_of_handled_stanzas() -> None:
     talk.client(R + a(0))  # SM elements themselves are not counted
     frames = talk.server()
     assert frames[-1] == expect(f"<a xmlns='{ns.SM}' h='3'/>")[0]
+
+
+def test_deferred_acks_leave_the_answer_to_the_session() -> None:
+    """With `defer_acks` (the session's mode) an <r/> is an event carrying the count of
+    stanzas before it, in order with them; the session answers with send_ack() once they
+    are on their way, and may acknowledge on its own later (XEP-0198 §4)."""
+    talk = established(StreamManagement())
+    talk.stream.defer_acks = True
+    events = talk.client(MESSAGE + MESSAGE + R + MESSAGE)
+    assert [type(e) for e in events] == [StanzaReceived, StanzaReceived, AckRequested,
+                                         StanzaReceived]  # fmt: skip
+    assert [getattr(e, "number", None) for e in events] == [1, 2, None, 3]
+    assert events[2] == AckRequested(handled=2)
+    assert talk.server() == []  # nothing is acknowledged by the stream itself
+    talk.stream.send_ack(1)
+    talk.stream.send_ack(2)
+    assert talk.server() == expect(f"<a xmlns='{ns.SM}' h='1'/><a xmlns='{ns.SM}' h='2'/>")
 
 
 def test_stanzas_before_enable_are_not_counted() -> None:

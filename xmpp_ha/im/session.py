@@ -109,6 +109,11 @@ class ClientSession:
         self._receipts: deque[tuple[int, asyncio.Future[None]]] = deque()
         self._ack_requested = False  # an <r/> is due at the end of this loop iteration
         self._ack_asked: int | None = None  # outbound count our unanswered <r/> covers
+        # the client's side of XEP-0198: inbound numbers of messages not yet on their way,
+        # the count its last <r/> asked about while some were not, the last 'h' we sent
+        self._unsettled: dict[int, None] = {}
+        self._ack_asked_for: int | None = None
+        self._ack_sent: int | None = None
         self._closed = False
         manager.connections.add(self)
 
@@ -292,7 +297,11 @@ class ClientSession:
 
     def _dispatch(self, event: stream.StreamEvent) -> Awaitable[None] | None:
         if isinstance(event, stream.StanzaReceived):
-            return self._on_stanza(event.stanza)
+            return self._on_stanza(event.stanza, event.number)
+        if isinstance(event, stream.AckRequested):
+            self._ack_asked_for = event.handled
+            self._acknowledge()
+            return None
         if isinstance(event, stream.TLSRequested):
             self.flush()  # <proceed/> leaves in plaintext before the switch
             self.transport.start_tls()
@@ -316,7 +325,7 @@ class ClientSession:
             self.transport.close()
         return None
 
-    def _on_stanza(self, stanza: ET.Element) -> Awaitable[None] | None:
+    def _on_stanza(self, stanza: ET.Element, number: int | None = None) -> Awaitable[None] | None:
         try:
             header = StanzaHeader.of(stanza)
             if self.standby and not self._standby_may_send(stanza, header):
@@ -326,7 +335,9 @@ class ClientSession:
             if header.kind == "message":
                 pending = self.manager.messages.outbound(self, stanza, header)
                 if pending is not None:  # on its way in order; the client reads on meanwhile
-                    self.manager.spawn(self._answering(stanza, pending))
+                    if number is not None:
+                        self._unsettled[number] = None
+                    self.manager.spawn(self._settling(stanza, pending, number))
                 return None
             if header.kind == "presence":
                 pending = self.manager.presence.outbound(self, stanza, header)
@@ -347,6 +358,35 @@ class ClientSession:
         if header.type in ("result", "error"):
             return True  # answers to the server's pings and pushes
         return len(stanza) > 0 and ns.namespace_of(stanza[0].tag) in _STANDBY_NAMESPACES
+
+    async def _settling(
+        self, stanza: ET.Element, pending: Awaitable[None], number: int | None
+    ) -> None:
+        try:
+            await self._answering(stanza, pending)
+        finally:
+            if number is not None:
+                self._unsettled.pop(number, None)
+                if self._ack_asked_for is not None:
+                    self._acknowledge()
+                    self.flush()
+
+    def _acknowledge(self) -> None:
+        """Answer the client's last <r/> (XEP-0198) for the stanzas before it that are safely
+        on their way: a message handed to the peer node is acknowledged once the peer has
+        it, so that the client sends it again after a switch if this node dies first (the
+        count used to include messages still on the peer link: lost with a killed node).
+        What could not be acknowledged yet is, on our own, once it is."""
+        asked = self._ack_asked_for
+        if asked is None:
+            return
+        oldest = next(iter(self._unsettled), None)
+        handled = asked if oldest is None or oldest > asked else oldest - 1
+        if handled != self._ack_sent:
+            self._ack_sent = handled
+            self.stream.send_ack(handled)
+        if handled == asked:
+            self._ack_asked_for = None
 
     async def _answering(self, stanza: ET.Element, pending: Awaitable[None]) -> None:
         try:
@@ -555,6 +595,7 @@ class ClientSession:
 
     def _enable_sm(self, resume: bool) -> None:
         sm = StreamManagement(ack_interval=_ACK_INTERVAL)  # <r/> at turn ends: _want_ack()
+        self.stream.defer_acks = True  # <a/> once what came before is on its way: _acknowledge
         if resume and self.jid is not None and not self.standby:  # a standby is the fallback
             self.resume_token = self.manager.new_token(18)
             self.manager.resumable[self.resume_token] = self
@@ -584,6 +625,7 @@ class ClientSession:
             old._closed = True
             self.manager.connections.discard(old)
         assert self.jid is not None
+        self.stream.defer_acks = True
         for stanza in self.stream.resumed(self.jid, sm, event.previd):
             self.stream.send_raw(serialize(stanza))
         self.flush()

@@ -111,6 +111,15 @@ class SMEnableRequested:
 @dataclass(frozen=True, slots=True)
 class StanzaReceived:
     stanza: ET.Element  # 'from' stamped with the session's full JID
+    number: int | None = None  # its XEP-0198 inbound count (None without stream management)
+
+
+@dataclass(frozen=True, slots=True)
+class AckRequested:
+    """The client's `<r/>` (XEP-0198), with `defer_acks` set: `handled` stanzas came
+    before it; the session answers with `send_ack()` once they are safely on their way."""
+
+    handled: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,6 +136,7 @@ StreamEvent = (
     | ResumeRequested
     | SMEnableRequested
     | StanzaReceived
+    | AckRequested
     | StreamEnded
 )
 
@@ -179,6 +189,9 @@ class C2SStream:
         self._sm_early: int | None = None
         self.lang = "en"
         self.encrypted = False  # TLS established (every phase from AUTH on requires it)
+        # <r/> becomes an AckRequested event instead of an immediate <a/>: the session
+        # acknowledges a stanza only once it is safely on its way (routed, stored, sent)
+        self.defer_acks = False
 
     # --- input ------------------------------------------------------------
 
@@ -396,7 +409,7 @@ class C2SStream:
                 raise StreamError(StreamCondition.INVALID_FROM, "from must be your own JID")
         stanza.set("from", str(self.jid))
         self._count_inbound()
-        events.append(StanzaReceived(stanza))
+        events.append(StanzaReceived(stanza, self.sm.inbound_handled if self.sm else None))
 
     def _count_inbound(self) -> None:
         if self.sm is not None:
@@ -471,7 +484,15 @@ class C2SStream:
         if self.sm is None:
             self.sm_failed("unexpected-request")
             return
-        self._out.append(f"<a xmlns='{ns.SM}' h='{self.sm.inbound_handled}'/>".encode())
+        if self.defer_acks:
+            events.append(AckRequested(self.sm.inbound_handled))
+        else:
+            self.send_ack(self.sm.inbound_handled)
+
+    def send_ack(self, handled: int) -> None:
+        """`<a h=.../>`: asked for, or on our own (XEP-0198 §4 allows it at any time)."""
+        if self.sm is not None and self.phase is not Phase.CLOSED:
+            self._out.append(f"<a xmlns='{ns.SM}' h='{handled}'/>".encode())
 
     def _sm_answer(self, element: ET.Element, events: list[StreamEvent]) -> None:
         if self.sm is None:
