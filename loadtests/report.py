@@ -124,7 +124,7 @@ def rate(events: Sequence[tuple[float, float]], start: float, width: float,
     return bins
 
 
-WIDTH, HEIGHT, PAD = 720, 260, 44
+WIDTH, HEIGHT, PAD, RIGHT = 760, 280, 50, 30  # px; PAD: left, top, bottom margins
 
 
 def _frame(title: str, y_max: float, x_labels: list[tuple[float, str]]) -> list[str]:
@@ -134,7 +134,7 @@ def _frame(title: str, y_max: float, x_labels: list[tuple[float, str]]) -> list[
              '<rect width="100%" height="100%" fill="white"/>',
              f'<text x="{WIDTH / 2}" y="16" text-anchor="middle" font-size="13">'
              f"{html.escape(title)}</text>",
-             f'<line x1="{PAD}" y1="{HEIGHT - PAD}" x2="{WIDTH - 10}" y2="{HEIGHT - PAD}" stroke="black"/>',
+             f'<line x1="{PAD}" y1="{HEIGHT - PAD}" x2="{WIDTH - RIGHT}" y2="{HEIGHT - PAD}" stroke="black"/>',
              f'<line x1="{PAD}" y1="{PAD}" x2="{PAD}" y2="{HEIGHT - PAD}" stroke="black"/>']  # fmt: skip
     for fraction in (0, 0.5, 1):
         y = HEIGHT - PAD - fraction * inner_h
@@ -149,7 +149,7 @@ def _frame(title: str, y_max: float, x_labels: list[tuple[float, str]]) -> list[
 
 
 def _bars(values: Sequence[float], y_max: float, color: str) -> list[str]:
-    inner_w, inner_h = WIDTH - PAD - 10, HEIGHT - 2 * PAD
+    inner_w, inner_h = WIDTH - PAD - RIGHT, HEIGHT - 2 * PAD
     step = inner_w / max(1, len(values))
     return [f'<rect x="{PAD + i * step:.2f}" y="{HEIGHT - PAD - v / y_max * inner_h:.2f}" '
             f'width="{max(step - 0.5, 0.5):.2f}" height="{v / y_max * inner_h:.2f}" fill="{color}"/>'
@@ -164,7 +164,7 @@ def histogram(ms: Sequence[float], title: str, bins: int = 40) -> str:
     for value in ms:
         counts[min(bins - 1, int(value / top * bins))] += 1
     y_max = max(counts)
-    inner_w = WIDTH - PAD - 10
+    inner_w = WIDTH - PAD - RIGHT
     labels = [(PAD + inner_w * f, f"{top * f:.0f}") for f in (0, 0.25, 0.5, 0.75, 1)]
     parts = _frame(f"{title} ({len(ms)} switches; users per bin)", y_max, labels)
     return "".join(parts + _bars(counts, y_max, "#3a6ea5")) + "</svg>"
@@ -174,18 +174,23 @@ def timeline(values: Sequence[float], width: float, first_s: float, marks: list[
              zero: float, title: str) -> str:  # fmt: skip
     """Bars of `width` s from `first_s` (seconds since `zero`), with the run's marks."""
     y_max = max(values, default=1) or 1
-    inner_w = WIDTH - PAD - 10
+    inner_w = WIDTH - PAD - RIGHT
     span = len(values) * width
     labels = [(PAD + inner_w * f, f"{first_s + span * f:.1f} s") for f in (0, 0.25, 0.5, 0.75, 1)]
     parts = _frame(title, y_max, labels) + _bars(values, y_max, "#4c9a2a")
-    for number, mark in enumerate(marks):
+    legend: list[str] = []
+    for mark in marks:
         offset = mark["time"] - zero - first_s
         if 0 <= offset <= span:
             x = PAD + offset / span * inner_w
+            legend.append(f"{len(legend) + 1}: {mark['what']}")
             parts.append(f'<line x1="{x:.1f}" y1="{PAD}" x2="{x:.1f}" y2="{HEIGHT - PAD}" '
                          f'stroke="#c0392b" stroke-dasharray="4 3"/>'
-                         f'<text x="{x + 3:.1f}" y="{PAD - 4 + 12 * (number % 3)}" fill="#c0392b">'
-                         f"{html.escape(mark['what'][:40])}</text>")  # fmt: skip
+                         f'<text x="{x + 2:.1f}" y="{PAD - 4}" fill="#c0392b">{len(legend)}</text>')  # fmt: skip
+    lines = [" · ".join(legend[i : i + 3]) for i in range(0, len(legend), 3)]
+    for row, line in enumerate(lines[:2]):  # the marks, numbered as on the chart
+        y = HEIGHT - PAD + 28 + 12 * row
+        parts.append(f'<text x="{PAD}" y="{y}" fill="#c0392b">{html.escape(line)}</text>')
     return "".join(parts) + "</svg>"
 
 
