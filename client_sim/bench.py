@@ -57,6 +57,21 @@ def stats(values: Sequence[float], digits: int = 4) -> dict[str, float] | None:
             "max": round(ordered[-1], digits), "n": len(ordered)}  # fmt: skip
 
 
+async def serving_nodes(
+    layout: PairLayout, standby_delay: tuple[float, float]
+) -> dict[str, str | None]:
+    """Set both nodes' client re-login limits to `standby_delay` (s), so that standby
+    sessions open within seconds; returns the node serving each account (None: none)."""
+    cluster = await ClusterStore.open(layout.store_url)
+    try:
+        for node in layout.nodes:
+            await cluster.set_relogin_limits(node.name, *standby_delay)
+        assignments = await cluster.all_assignments()
+    finally:
+        await cluster.close()
+    return {user: assignment.current_node for user, assignment in assignments.items()}
+
+
 class Bench:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
@@ -75,16 +90,9 @@ class Bench:
 
     async def prepare(self) -> dict[str, str]:
         """Standby delays in seconds, and where each user is served now."""
-        cluster = await ClusterStore.open(self.layout.store_url)
-        try:
-            low, high = self.args.standby_delay
-            for name in self.nodes:
-                await cluster.set_relogin_limits(name, low, high)
-            assignments = await cluster.all_assignments()
-        finally:
-            await cluster.close()
+        served = await serving_nodes(self.layout, tuple(self.args.standby_delay))
         users = [f"user{i}" for i in range(self.args.users)]
-        return {u: assignments[u].current_node or self.failed for u in users if u in assignments}
+        return {u: served[u] or self.failed for u in users if u in served}
 
     async def chat(self, sender: AioDualClient, to: str, stop: asyncio.Event) -> None:
         low, high = self.args.interval

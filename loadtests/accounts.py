@@ -23,18 +23,11 @@ ACCOUNTS_FILE = "accounts.json"
 
 
 async def describe(pair_dir: Path, standby_delay: tuple[float, float]) -> dict[str, Any]:
+    from client_sim.bench import serving_nodes
     from xmpp_ha.runtime.pair import PairLayout
-    from xmpp_ha.store.cluster import ClusterStore
 
     layout = PairLayout.load(pair_dir)
-    cluster = await ClusterStore.open(layout.store_url)
-    try:
-        for node in layout.nodes:
-            await cluster.set_relogin_limits(node.name, *standby_delay)
-        assignments = await cluster.all_assignments()
-    finally:
-        await cluster.close()
-    served = {user: a.current_node for user, a in assignments.items() if a.current_node}
+    served = {u: node for u, node in (await serving_nodes(layout, standby_delay)).items() if node}
     users = sorted(served, key=lambda u: (len(u), u))
     return {
         "domain": layout.domain, "ca_file": str(layout.ca_file), "users": users,

@@ -108,11 +108,11 @@ class ClientSession:
         # receipts asked for (see receipt()): outbound count to cover, future to resolve
         self._receipts: deque[tuple[int, asyncio.Future[None]]] = deque()
         self._ack_requested = False  # an <r/> is due at the end of this loop iteration
-        self._ack_asked: int | None = None  # outbound count our unanswered <r/> covers
-        # the client's side of XEP-0198: inbound numbers of messages not yet on their way,
-        # the count its last <r/> asked about while some were not, the last 'h' we sent
+        self._our_request: int | None = None  # outbound count our unanswered <r/> asks about
+        # the client's requests: inbound numbers of messages not yet on their way, the
+        # count its last <r/> asked about while some were not, the last 'h' we sent
         self._unsettled: dict[int, None] = {}
-        self._ack_asked_for: int | None = None
+        self._client_asked: int | None = None
         self._ack_sent: int | None = None
         self._closed = False
         manager.connections.add(self)
@@ -129,8 +129,8 @@ class ClientSession:
         self.ping_sent_at = None
         events = self.stream.receive_data(data)
         sm = self.stream.sm
-        if self._ack_asked is not None and sm is not None and sm.covers(self._ack_asked):
-            self._ack_asked = None  # answered: ask again for what was sent since
+        if self._our_request is not None and sm is not None and sm.covers(self._our_request):
+            self._our_request = None  # answered: ask again for what was sent since
             if sm.unacked_count:
                 self._want_ack()
         if self._receipts:
@@ -220,9 +220,9 @@ class ClientSession:
         sm = self.stream.sm
         if sm is None or self._closed or not sm.unacked_count:
             return
-        if self._ack_asked is not None and not sm.covers(self._ack_asked):
+        if self._our_request is not None and not sm.covers(self._our_request):
             return  # the answer to the last request asks again (data_received)
-        self._ack_asked = sm.outbound_sent
+        self._our_request = sm.outbound_sent
         self.stream.request_ack()
         self.flush()
 
@@ -299,7 +299,7 @@ class ClientSession:
         if isinstance(event, stream.StanzaReceived):
             return self._on_stanza(event.stanza, event.number)
         if isinstance(event, stream.AckRequested):
-            self._ack_asked_for = event.handled
+            self._client_asked = event.handled
             self._acknowledge()
             return None
         if isinstance(event, stream.TLSRequested):
@@ -367,7 +367,7 @@ class ClientSession:
         finally:
             if number is not None:
                 self._unsettled.pop(number, None)
-                if self._ack_asked_for is not None:
+                if self._client_asked is not None:
                     self._acknowledge()
                     self.flush()
 
@@ -377,7 +377,7 @@ class ClientSession:
         it, so that the client sends it again after a switch if this node dies first (the
         count used to include messages still on the peer link: lost with a killed node).
         What could not be acknowledged yet is, on our own, once it is."""
-        asked = self._ack_asked_for
+        asked = self._client_asked
         if asked is None:
             return
         oldest = next(iter(self._unsettled), None)
@@ -386,7 +386,7 @@ class ClientSession:
             self._ack_sent = handled
             self.stream.send_ack(handled)
         if handled == asked:
-            self._ack_asked_for = None
+            self._client_asked = None
 
     async def _answering(self, stanza: ET.Element, pending: Awaitable[None]) -> None:
         try:

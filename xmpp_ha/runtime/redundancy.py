@@ -213,10 +213,8 @@ class Redundancy:
             for trigger in self.detector.peer_stopping():
                 self.feed(trigger)
         elif kind == "reload":
-            if isinstance(message.get("id"), int):
-                self._tasks.append(asyncio.create_task(self._reload_and_answer(message["id"])))
-            else:
-                self._spawn_reload()
+            request_id = message.get("id")
+            self._spawn_reload(request_id if isinstance(request_id, int) else None)
         elif kind == "reloaded":
             waiter = self._reloads.get(message.get("id"))  # type: ignore[arg-type]
             if waiter is not None and not waiter.done():
@@ -382,11 +380,9 @@ class Redundancy:
             # Meanwhile what arrives here for them is routed to the peer.
             await self.reload_assignments(end_moved_sessions=False)
             await self._peer_reloaded()
-        activations = await self.reload_assignments()
-        if activations:
-            # dual-connected clients hear of their move from us (a pushed activation)
-            # before the peer, told the move is done, ends their sessions there
-            await asyncio.wait(activations, timeout=_PUSH_WAIT)
+        # dual-connected clients hear of their move from us (a pushed activation) before
+        # the peer, told the move is done, ends their sessions there
+        await self._reload_and_push()
         self._send_peer({"t": "reload"})
         if move is not Move.GIVE_BACK and self.srm.reason in _PEER_GONE:
             # the peer died with their sessions: their contacts here must hear they are gone
@@ -484,12 +480,17 @@ class Redundancy:
         assignment = self.assignments.get(username)
         return assignment is not None and assignment.current_node not in (None, self.node)
 
-    async def _reload_and_answer(self, request_id: int) -> None:
-        """The peer moved users here and waits for their standby activations to be pushed."""
+    async def _reload_and_push(self) -> None:
+        """Reload the assignments; returns once the standby activations of the users now
+        served here are pushed (or after `_PUSH_WAIT`)."""
         activations = await self.reload_assignments()
         if activations:
             await asyncio.wait(activations, timeout=_PUSH_WAIT)
-        self._send_peer({"t": "reloaded", "id": request_id})
+
+    async def _reload(self, answer_to: int | None) -> None:
+        await self._reload_and_push()
+        if answer_to is not None:  # the peer moved users here and waits for their pushes
+            self._send_peer({"t": "reloaded", "id": answer_to})
 
     async def _peer_reloaded(self) -> None:
         """Ask the peer to reload the assignments; returns once it pushed the activations
@@ -505,8 +506,8 @@ class Redundancy:
         finally:
             del self._reloads[request_id]
 
-    def _spawn_reload(self) -> None:
-        self._tasks.append(asyncio.create_task(self.reload_assignments()))
+    def _spawn_reload(self, answer_to: int | None = None) -> None:
+        self._tasks.append(asyncio.create_task(self._reload(answer_to)))
         self._tasks = [task for task in self._tasks if not task.done()]
 
     # --- loops ---------------------------------------------------------------------
